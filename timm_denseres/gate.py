@@ -125,9 +125,10 @@ class DenseGate(nn.Module):
     @staticmethod
     def mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
         """``v * y + sum_k w_k * a_k``, with v (B, C) and w (B, n, C) broadcast over H, W."""
+        # one multiply-add per element per inbound (addcmul), plus one multiply for v
         out = y * v[:, :, None, None]
         for k, a in enumerate(inbounds):
-            out = out + a * w[:, k, :, None, None]
+            out = torch.addcmul(out, a, w[:, k, :, None, None])
         return out
 
     def forward(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
