@@ -1,0 +1,309 @@
+"""The timm script launcher (timm_denseres/timm_scripts.py), the recipes, and the Fashion-MNIST preparation.
+
+Tests that need timm's real train.py run only when TIMM_REPO points at a pytorch-image-models checkout.
+"""
+import ast
+import contextlib
+import functools
+import gzip
+import http.server
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+
+from timm_denseres import timm_scripts
+from timm_denseres.timm_scripts import TimmScriptError, resolve_script
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO_ROOT / 'recipes').glob('*.yaml'))
+SAMPLE = REPO_ROOT / 'data' / 'sample' / 'fashion-mnist'
+DEBIAN_SRC = Path('/usr/share/datasets/fashion-mnist')
+UNREACHABLE_URL = 'http://127.0.0.1:9/'  # the discard port: refused at once where nothing listens
+VERSION = timm.__version__
+
+needs_timm_repo = pytest.mark.skipif(
+    not os.environ.get('TIMM_REPO'),
+    reason="needs timm's train.py: set TIMM_REPO to a pytorch-image-models checkout of the installed version")
+
+
+def _load_prepare_module():
+    """scripts/ is not a package: load the preparation script by path."""
+    spec = importlib.util.spec_from_file_location('prepare_fashion_mnist',
+                                                  REPO_ROOT / 'scripts' / 'prepare_fashion_mnist.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = _load_prepare_module()
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No TIMM_REPO, an empty cache under tmp_path, and a download URL that fails at once."""
+    monkeypatch.delenv('TIMM_REPO', raising=False)
+    monkeypatch.setenv('TIMM_DENSERES_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('TIMM_DENSERES_SCRIPTS_URL', UNREACHABLE_URL)
+    return tmp_path
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+
+@contextlib.contextmanager
+def _serve(directory: Path) -> Iterator[str]:
+    """A local HTTP server for `directory`, standing in for raw.githubusercontent.com; yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{server.server_port}'
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _fake_checkout(root: Path, version: str = VERSION, body: str = 'pass\n') -> Path:
+    (root / 'timm').mkdir(parents=True)
+    (root / 'timm' / 'version.py').write_text(f"__version__ = '{version}'\n")
+    for name in ('train', 'validate'):
+        (root / f'{name}.py').write_text(body)
+    return root
+
+
+# --- where the script comes from ---
+
+def test_resolution_order_flag_env_cache(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag_repo = _fake_checkout(isolated_env / 'flag')
+    env_repo = _fake_checkout(isolated_env / 'env')
+    cached = timm_scripts.cache_dir(VERSION) / 'train.py'
+    cached.parent.mkdir(parents=True)
+    cached.write_text('pass\n')
+    monkeypatch.setenv('TIMM_REPO', str(env_repo))
+
+    assert resolve_script('train', str(flag_repo)) == flag_repo / 'train.py'
+    assert resolve_script('train') == env_repo / 'train.py'
+    monkeypatch.delenv('TIMM_REPO')
+    assert resolve_script('train') == cached  # the unreachable URL is never tried
+
+
+def test_cache_dir_is_per_version(isolated_env: Path) -> None:
+    assert timm_scripts.cache_dir('1.2.3') == isolated_env / 'cache' / 'v1.2.3'
+
+
+def test_download_fills_cache_once(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served = isolated_env / 'served'
+    (served / f'v{VERSION}').mkdir(parents=True)
+    (served / f'v{VERSION}' / 'validate.py').write_text('RESULT = 42\n')
+    with _serve(served) as url:
+        monkeypatch.setenv('TIMM_DENSERES_SCRIPTS_URL', url)
+        path = resolve_script('validate')
+    assert path == timm_scripts.cache_dir(VERSION) / 'validate.py'
+    assert path.read_text() == 'RESULT = 42\n'
+    assert resolve_script('validate') == path  # server gone: served from the cache
+
+
+def test_unreachable_network_gives_clear_error(isolated_env: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimmScriptError) as info:
+        resolve_script('train')
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    for expected in ('TIMM_REPO', '--timm-repo', f'v{VERSION}', UNREACHABLE_URL.rstrip('/')):
+        assert expected in message
+    assert not (timm_scripts.cache_dir(VERSION) / 'train.py').exists()
+
+
+def test_html_error_page_is_not_cached(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served = isolated_env / 'served' / f'v{VERSION}'
+    served.mkdir(parents=True)
+    (served / 'train.py').write_text('<html><body>proxy says no</body></html>\n')
+    with _serve(served.parent) as url:
+        monkeypatch.setenv('TIMM_DENSERES_SCRIPTS_URL', url)
+        with pytest.raises(TimmScriptError, match='TIMM_REPO'):
+            resolve_script('train')
+    assert not (timm_scripts.cache_dir(VERSION) / 'train.py').exists()
+
+
+def test_main_exits_with_the_message(isolated_env: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        timm_scripts.main('train', ['--model', 'resnet10t'])
+    assert 'TIMM_REPO' in str(info.value.code)
+
+
+def test_missing_script_in_checkout(isolated_env: Path) -> None:
+    with pytest.raises(TimmScriptError, match='pytorch-image-models checkout'):
+        resolve_script('train', str(isolated_env))
+
+
+def test_version_mismatch_warns(isolated_env: Path) -> None:
+    old = _fake_checkout(isolated_env / 'old', version='0.0.1')
+    with pytest.warns(UserWarning, match=rf'timm 0\.0\.1.*installed timm is {VERSION}'):
+        assert resolve_script('train', str(old)) == old / 'train.py'
+
+
+def test_matching_version_does_not_warn(isolated_env: Path) -> None:
+    same = _fake_checkout(isolated_env / 'same')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        resolve_script('validate', str(same))
+
+
+# --- how the script is run ---
+
+def test_pop_timm_repo_keeps_other_args_in_order() -> None:
+    args = ['--config', 'a.yaml', '--timm-repo', '/x', '--mean', '-0.5', 'data']
+    assert timm_scripts.pop_timm_repo(args) == ('/x', ['--config', 'a.yaml', '--mean', '-0.5', 'data'])
+    assert timm_scripts.pop_timm_repo(['--timm-repo=/y', '-b', '8']) == ('/y', ['-b', '8'])
+    assert timm_scripts.pop_timm_repo(['-b', '8']) == (None, ['-b', '8'])
+    with pytest.raises(TimmScriptError):
+        timm_scripts.pop_timm_repo(['--timm-repo'])
+
+
+def test_main_runs_script_as_main_with_args(isolated_env: Path) -> None:
+    record = isolated_env / 'record.txt'
+    body = ('import sys, timm\n'
+            f'open({str(record)!r}, "w").write(repr((__name__, sys.argv, "resnet110" in timm.list_models())))\n')
+    repo = _fake_checkout(isolated_env / 'repo', body=body)
+    argv_before = list(sys.argv)
+    timm_scripts.main('train', ['--model', 'resnet110', '--timm-repo', str(repo), '-b', '8'])
+    name, argv, registered = ast.literal_eval(record.read_text())
+    assert name == '__main__'
+    assert argv == [str(repo / 'train.py'), '--model', 'resnet110', '-b', '8']
+    assert registered  # our models are visible to the script
+    assert sys.argv == argv_before
+
+
+# --- recipes (need timm's train.py) ---
+
+def test_recipes_exist() -> None:
+    names = {p.name for p in RECIPES}
+    assert {'fashion_mnist.yaml', 'cifar100_denseresnet110.yaml', 'imagenet_denseresnet34.yaml',
+            'imagenet_densemobilenetv2.yaml'} <= names
+
+
+@needs_timm_repo
+@pytest.mark.timm_repo
+@pytest.mark.parametrize('recipe', RECIPES, ids=lambda p: p.stem)
+def test_recipe_keys_are_train_args(recipe: Path) -> None:
+    train_script = resolve_script('train')
+    assert timm_scripts.unknown_recipe_keys(recipe, train_script) == []
+
+
+@needs_timm_repo
+@pytest.mark.timm_repo
+def test_recipe_check_catches_typos(tmp_path: Path) -> None:
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('lr: 0.1\nwarmup_epoch: 3\nweight-decay: 1.0e-4\n')
+    assert timm_scripts.unknown_recipe_keys(bad, resolve_script('train')) == ['warmup_epoch', 'weight-decay']
+
+
+@needs_timm_repo
+@pytest.mark.timm_repo
+@pytest.mark.slow
+def test_train_one_epoch_on_sample(tmp_path: Path) -> None:
+    """A real (tiny) run of timm's train.py through scripts/train.py: 300 images, one epoch (10-25 s on 2 cores)."""
+    # the package may not be installed when the tests run from a checkout
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONPATH=python_path)
+    cmd = [sys.executable, str(REPO_ROOT / 'scripts' / 'train.py'),
+           '--config', str(REPO_ROOT / 'recipes' / 'fashion_mnist.yaml'), '--data-dir', str(SAMPLE),
+           '--model', 'resnet10t', '--epochs', '1', '--batch-size', '32',
+           '--output', str(tmp_path), '--experiment', 'smoke']
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (tmp_path / 'smoke' / 'summary.csv').read_text().splitlines()
+    assert len(summary) == 2  # header + epoch 0
+
+
+# --- Fashion-MNIST preparation and the committed sample ---
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_parse_idx() -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    np.testing.assert_array_equal(prepare.parse_idx(_idx_bytes(images)), images)
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    np.testing.assert_array_equal(prepare.parse_idx(_idx_bytes(labels)), labels)
+    with pytest.raises(ValueError, match='magic'):
+        prepare.parse_idx(b'\x01\x00\x08\x01' + _idx_bytes(labels)[4:])
+    with pytest.raises(ValueError, match='size mismatch'):
+        prepare.parse_idx(_idx_bytes(labels)[:-1])
+
+
+def test_prepare_writes_first_k_per_class(tmp_path: Path) -> None:
+    src = tmp_path / 'src'
+    src.mkdir()
+    labels = np.array([2, 0, 2, 1, 0, 2, 0], dtype=np.uint8)
+    images = np.stack([np.full((28, 28), 10 * i, dtype=np.uint8) for i in range(len(labels))])
+    for prefix in ('train', 't10k'):
+        (src / f'{prefix}-images-idx3-ubyte.gz').write_bytes(gzip.compress(_idx_bytes(images)))
+        (src / f'{prefix}-labels-idx1-ubyte.gz').write_bytes(gzip.compress(_idx_bytes(labels)))
+    out = tmp_path / 'out'
+    prepare.main(['--src', str(src), '--out', str(out), '--train-per-class', '2'])
+
+    def pixel(split: str, label: int, n: int) -> int:
+        return int(np.asarray(Image.open(out / split / prepare.class_folder(label) / f'{n:05d}.png'))[0, 0])
+
+    # first two of class 2 are examples 0 and 2; of class 0 examples 1 and 4; class 1 has only example 3
+    assert [pixel('train', 2, n) for n in (1, 2)] == [0, 20]
+    assert [pixel('train', 0, n) for n in (1, 2)] == [10, 40]
+    assert len(list((out / 'train' / prepare.class_folder(0)).iterdir())) == 2
+    assert len(list((out / 'validation' / prepare.class_folder(2)).iterdir())) == 3  # no limit given
+    with pytest.raises(SystemExit, match='--overwrite'):
+        prepare.main(['--src', str(src), '--out', str(out)])
+
+
+def test_prepare_missing_source_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match='apt-get install dataset-fashion-mnist'):
+        prepare.main(['--src', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('split', ['train', 'validation'])
+def test_sample_layout(split: str) -> None:
+    split_dir = SAMPLE / split
+    folders = sorted(p.name for p in split_dir.iterdir())
+    assert folders == [prepare.class_folder(label) for label in range(10)]
+    for folder in folders:
+        files = sorted(p.name for p in (split_dir / folder).iterdir())
+        assert files == [f'{n:05d}.png' for n in range(1, 31)]
+        for name in files[:3] + files[-1:]:
+            with Image.open(split_dir / folder / name) as image:
+                assert (image.mode, image.size) == ('L', (28, 28))
+    # timm's own reader gives each folder the Fashion-MNIST label index
+    dataset = timm.data.create_dataset('', root=str(SAMPLE), split=split)
+    assert dataset.reader.class_to_idx == {prepare.class_folder(label): label for label in range(10)}
+    assert len(dataset) == 300
+
+
+def test_sample_size_is_small() -> None:
+    assert sum(p.stat().st_size for p in SAMPLE.rglob('*.png')) < 1_000_000
+
+
+@pytest.mark.skipif(not DEBIAN_SRC.is_dir(), reason='needs Debian package dataset-fashion-mnist')
+@pytest.mark.parametrize('split,prefix', [('train', 'train'), ('validation', 't10k')])
+def test_sample_is_first_30_of_each_class(split: str, prefix: str) -> None:
+    images, labels = prepare.load_split(DEBIAN_SRC, prefix)
+    assert images.shape[1:] == (28, 28) and len(images) == len(labels)
+    for label in range(10):
+        expected = images[np.flatnonzero(labels == label)[:30]]
+        written = [np.asarray(Image.open(SAMPLE / split / prepare.class_folder(label) / f'{n:05d}.png'))
+                   for n in range(1, 31)]
+        np.testing.assert_array_equal(np.stack(written), expected)

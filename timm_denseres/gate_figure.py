@@ -1,0 +1,33 @@
+"""The paper's Fig. 4: mean mixing weight ``w_ik`` per block i and offset i-k, drawn as a heat map."""
+from typing import Dict, List, Optional
+
+__all__ = ['plot_gate_weights']
+
+
+def plot_gate_weights(w_mean: Dict[str, List[float]], path: str, title: Optional[str] = None) -> None:
+    """Write a PNG: one row per block (forward order), one column per offset (1 = the shortcut)."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    blocks = list(w_mean)
+    offsets = max(len(w) for w in w_mean.values())
+    grid = np.full((len(blocks), offsets), np.nan)
+    for row, block in enumerate(blocks):
+        grid[row, :len(w_mean[block])] = w_mean[block]
+
+    height = max(4.0, 0.12 * len(blocks) + 1.5)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * offsets, height))
+    image = ax.imshow(grid, aspect='auto', cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest')
+    ax.set_xticks(range(offsets), [str(k + 1) for k in range(offsets)])
+    ax.set_xlabel('offset i - k  (1 = shortcut of the previous block)')
+    step = max(1, len(blocks) // 18)
+    ax.set_yticks(range(0, len(blocks), step), [f'{i + 1} ({blocks[i]})' for i in range(0, len(blocks), step)],
+                  fontsize=7)
+    ax.set_ylabel('block i')
+    ax.set_title(title or 'mean mixing weight w_ik', fontsize=9)
+    fig.colorbar(image, ax=ax, label='mean w_ik')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
