@@ -42,6 +42,7 @@ def make_loader(model: nn.Module, root: str, split: str = 'validation', batch_si
         crop_pct=config['crop_pct'],
         crop_mode=config.get('crop_mode', 'center'),
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         use_prefetcher=False,
         device=torch.device('cpu'),
     )
