@@ -4,5 +4,6 @@ Importing this package registers the models with timm, so ``timm.create_model('d
 """
 from .gate import DenseGate
 from .resnet import DenseBasicBlock, DenseResNet
+from .mobilenet import DenseMobileNetV2
 
 __version__ = '0.1.0'
