@@ -4,6 +4,7 @@
         --data-dir data/fashion-mnist --split test --out docs/gates_denseresnet110_n4_fmnist.png
 """
 import argparse
+from pathlib import Path
 
 import timm
 import torch
@@ -29,7 +30,7 @@ def main() -> None:
     with torch.no_grad(), record_gates(model) as stats:
         for images, _ in tqdm(loader, desc='gates', unit='batch'):
             model(images)
-    plot_gate_weights(stats.w_mean(), args.out, title=f'{args.model}: mean w_ik over {args.data_dir}/{args.split}')
+    plot_gate_weights(stats.w_mean(), args.out, title=f'{Path(args.model).name}: mean w_ik over {args.split}')
     print(f'wrote {args.out}')
 
 
