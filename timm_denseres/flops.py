@@ -3,7 +3,7 @@
 Counters disagree on element-wise work, so the count is split, all in multiply-adds (MACs):
 - ``conv_linear``: convolutions and matrix products (the counter's built-in formulas, FLOPs / 2).
 - ``norm``: batch norm, two per element (normalise, then the affine; as fvcore counts it).
-- ``pool``: global/average pooling, one per input element (as fvcore counts it).
+- ``pool``: global/average pooling, one per input element (as fvcore counts it); the gates pool with a sum.
 - ``merge``: joining branch and shortcut. A residual add is one per element; the gate's weighted sum is one
   multiply-add per element per inbound plus one for ``v`` (a ``mul`` and ``addcmul``/``add`` ops, one each).
 ``total`` is their sum. The ``conv_linear`` part alone is what the paper's ResNet-34 figure matches; the
@@ -21,7 +21,7 @@ __all__ = ['count_macs']
 aten = torch.ops.aten
 # The counter's unit is FLOPs (2 per multiply-add); our element-wise formulas use it too and are halved below.
 _NORM_OPS = (aten._native_batch_norm_legit_no_training, aten.native_batch_norm, aten._native_batch_norm_legit)
-_POOL_OPS = (aten.mean, aten.avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool2d)
+_POOL_OPS = (aten.mean, aten.sum, aten.avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool2d)
 _MERGE_OPS = (aten.add, aten.add_, aten.mul, aten.mul_, aten.addcmul, aten.addcmul_)
 
 

@@ -3,16 +3,26 @@
 A dense block computes ``x_i = v * y + sum_k w_k * a_k`` where ``y`` is the block's branch output, ``a_1`` its
 shortcut and ``a_2..a_n`` earlier block outputs adjusted to ``y``'s shape. The gate is SE-like: it only looks at
 global-average-pooled vectors, so it adds few parameters and FLOPs (see ../shared/denseresnet.md).
+
+Speed (see scripts/benchmark.py): on CPU the gate is memory bound, so the eager path avoids full-size temporaries
+and passes over the feature maps: the weighted sum accumulates in place and has a hand-written backward
+(:class:`_WeightedSumFn`), pooling is a sum whose gradient is a broadcast view, the 1x1 layers run as matrix
+products, and the ceil-mode 2x2 pool of the history runs as a depthwise convolution. All of these give the numbers
+of the plain formula (tests/test_gate_fast.py). Under TorchScript and torch.compile the gate is the plain formula.
 """
 import math
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
+from torch.autograd.function import once_differentiable
 
-__all__ = ['DenseGate', 'GateBatchNorm', 'GateWeights', 'gate_hidden_channels', 'adjust_inbound']
+__all__ = [
+    'DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'gate_hidden_channels', 'adjust_inbound', 'avg_pool_2x2',
+    'global_avg_pool', 'weighted_sum',
+]
 
 
 def gate_hidden_channels(channels: int, reduction: int) -> int:
@@ -20,12 +30,36 @@ def gate_hidden_channels(channels: int, reduction: int) -> int:
     return int(math.ceil(max(channels // reduction, 1) / 8) * 8)
 
 
+def _is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces; ``torch.compiler.is_compiling`` is missing before torch 2.3."""
+    is_compiling = getattr(torch.compiler, 'is_compiling', None)
+    return is_compiling is not None and is_compiling()
+
+
+def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.avg_pool2d(x, 2, 2, ceil_mode=True)``. In eager mode on CPU, for even H and W, it runs as a depthwise
+    convolution with weights 1/4 instead: the same numbers (a power-of-two weight scales exactly), two to four times
+    faster forward and backward than PyTorch's CPU average pool. A leaf for torch.fx (its test is on shapes)."""
+    if torch.jit.is_scripting():
+        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+    else:
+        if (_is_compiling() or x.device.type != 'cpu' or not x.is_floating_point()
+                or x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1):
+            return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        weight = x.new_full((x.shape[1], 1, 2, 2), 0.25)
+        with torch.autocast('cpu', enabled=False):  # keep x's dtype, as the pool does
+            return F.conv2d(x, weight, stride=2, groups=x.shape[1])
+
+
+torch.fx.wrap('avg_pool_2x2')
+
+
 def adjust_inbound(x: torch.Tensor, in_chs: int, channels: int, pool: bool) -> torch.Tensor:
     """Bring an earlier block output (``in_chs`` wide) to the next stage's shape: ceil-mode 2x2 average pool,
     then zero-pad (or cut) the channels to ``channels``. Parameter free, so the identity path survives.
     The widths are static ints so that torch.fx can trace it."""
     if pool:
-        x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        x = avg_pool_2x2(x)
     if in_chs < channels:
         x = F.pad(x, (0, 0, 0, 0, 0, channels - in_chs))
     elif in_chs > channels:
@@ -33,9 +67,131 @@ def adjust_inbound(x: torch.Tensor, in_chs: int, channels: int, pool: bool) -> t
     return x
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C) means, as a sum then a division: the same numbers as ``x.mean((2, 3))``, but the
+    gradient is the (B, C) gradient *expanded* (a view), which autograd adds in place into the full-size gradient
+    that x gets from the weighted sum. ``mean``'s backward would fill a new full-size tensor."""
+    return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the weighted sum v * y + sum_k w_k * a_k
+
+
+def _common_dtype(tensors: List[torch.Tensor]) -> torch.dtype:
+    """The dtype the out-of-place formula would give (they differ only under autocast)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def weighted_sum(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
+    """``v * y + sum_k w[:, k] * a_k`` with v (B, C) and w (B, n, C) broadcast over H, W, accumulated in place into
+    one new tensor: out-of-place ops would allocate (and fill) one full-size temporary per inbound. One multiply
+    per element for v, one multiply-add per element per inbound. Autograd can differentiate it as it is."""
+    batch, channels = v.shape[0], v.shape[1]
+    dtype = _common_dtype([y, v, w] + inbounds)
+    out = torch.mul(y, v.to(dtype).view(batch, channels, 1, 1))
+    w_k = w.view(batch, w.shape[1], channels, 1, 1).unbind(1)
+    for k, a in enumerate(inbounds):
+        out = out.addcmul_(a, w_k[k])  # reassigned: a tracer that drops unused results must keep it
+    return out
+
+
+def _scaled_grads(
+        grad: torch.Tensor, pairs: List[Tuple[torch.Tensor, torch.Tensor, bool, bool]],
+) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """Gradients of ``sum_k s_k * x_k`` (each s_k (B, C) broadcast over H, W) given its gradient ``grad``:
+    ``grad * s_k`` for x_k and ``sum_hw(grad * x_k)`` (B, C) for s_k, where wanted. ``pairs``: (x_k, s_k,
+    x_k needs a gradient, s_k needs one).
+
+    Each pair takes one fused kernel: BatchNorm's backward in eval mode, with mean 0, variance 1 (eps 0: the inverse
+    std is exactly 1) and weight s_k, over the B*C (sample, channel) pairs as its channels, returns exactly
+    ``grad * s_k`` as the input gradient and ``sum(grad * x_k)`` as the weight gradient, in one pass. Elementwise
+    ops would take three passes over the maps (product, sum, product) and a temporary; they remain the fallback
+    for mixed dtypes (autocast) and channels_last maps.
+    """
+    batch, channels, height, width = grad.shape
+    flat = batch * channels
+    fused = grad.is_contiguous()
+    if fused:
+        grad_flat = grad.view(1, flat, height, width)
+        mean, var = grad.new_zeros(flat), grad.new_ones(flat)
+    out: List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = []
+    for x, scale, need_x, need_scale in pairs:
+        grad_x = grad_scale = None
+        if fused and x.is_contiguous() and grad.dtype == x.dtype == scale.dtype:
+            grad_x, grad_scale, _ = torch.ops.aten.native_batch_norm_backward(
+                grad_flat, x.view(1, flat, height, width), scale.reshape(flat), mean, var, None, None, False, 0.0,
+                [need_x, need_scale, False])
+            grad_x = grad_x.view(x.shape) if need_x else None
+            grad_scale = grad_scale.view(batch, channels) if need_scale else None
+        else:
+            buf = None
+            if need_scale:  # the product for the sum goes into the buffer that then takes x's gradient
+                buf = torch.mul(grad, x)
+                grad_scale = buf.sum((2, 3))
+            if need_x:
+                scale = scale.view(batch, channels, 1, 1)
+                grad_x = torch.mul(grad, scale) if buf is None else torch.mul(grad, scale, out=buf)
+        out.append((grad_x, grad_scale))
+    return out
+
+
+class _WeightedSumFn(torch.autograd.Function):
+    """:func:`weighted_sum` with a backward that makes one fused pass per input (:func:`_scaled_grads`) and
+    allocates only the gradients it returns (autograd's own backward of the in-place chain takes three passes and
+    a temporary per input). It saves only its inputs: the inbounds are history entries that the network holds
+    anyway; the branch output ``y`` is the one extra."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, *inbounds: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y, v, w, *inbounds)
+        return weighted_sum(y, v, w, list(inbounds))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        y, v, w, *inbounds = ctx.saved_tensors
+        need_y, need_v, need_w, *need_inbounds = ctx.needs_input_grad
+        pairs = [(y, v, need_y, need_v)] + [(a, w_k, need_a, need_w)
+                                            for a, w_k, need_a in zip(inbounds, w.unbind(1), need_inbounds)]
+        (grad_y, grad_v), *grads = _scaled_grads(grad, pairs)
+        grad_w = torch.stack([g for _, g in grads], 1) if need_w else None
+        return grad_y, grad_v, grad_w, *[g for g, _ in grads]
+
+
+def weighted_sum_lean_backward(
+        y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
+    """:func:`weighted_sum`, through :class:`_WeightedSumFn` when autograd records."""
+    if torch.is_grad_enabled():
+        return _WeightedSumFn.apply(y, v, w, *inbounds)
+    return weighted_sum(y, v, w, inbounds)
+
+
+torch.fx.wrap('weighted_sum_lean_backward')  # a leaf for torch.fx, so traced models keep the lean backward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gate's layers
+
+
+@register_notrace_module  # its shape test is python control flow; keep it a leaf for torch.fx
+class GateConv(nn.Conv2d):
+    """The gate's 1x1 convolution (the parameters of an ``nn.Conv2d``), which also takes the pooled vectors as
+    (B, C): on such inputs it is a matrix product, several times cheaper than oneDNN's convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.linear(x, self.weight.flatten(1), self.bias)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 @register_notrace_module  # its batch-size check is data dependent; keep it a leaf for torch.fx
 class GateBatchNorm(nn.BatchNorm2d):
-    """BatchNorm for the gate's pooled (B, M, 1, 1) vectors.
+    """BatchNorm for the gate's pooled vectors, (B, M) or (B, M, 1, 1).
 
     With a single sample in training there is only one value per channel, which BatchNorm cannot normalise.
     Instead of failing, such a batch is normalised with the running statistics (as in eval mode), and the
@@ -43,7 +199,7 @@ class GateBatchNorm(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_batch_stats = self.training and x.shape[0] * x.shape[2] * x.shape[3] > 1
+        use_batch_stats = self.training and x.numel() > x.shape[1]  # more than one value per channel
         if use_batch_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -62,18 +218,19 @@ class GateWeights(nn.Module):
     def __init__(self, channels: int, valid_channels: List[int]):
         super().__init__()
         self.channels = channels
+        self.num_inbounds = len(valid_channels)
         self.valid_channels = valid_channels  # per inbound, how many leading channels are real
         self.needs_mask = any(c < channels for c in valid_channels)
 
     def forward(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # logits: (B, n + 1, C)
-        v = torch.sigmoid(logits[:, 0])
-        w_logits = logits[:, 1:]
+        """logits: (B, (n + 1) * C), the C logits of v first. Returns v (B, C) and w (B, n, C)."""
+        v_logits, w_logits = logits.split([self.channels, self.num_inbounds * self.channels], dim=1)
+        v = torch.sigmoid(v_logits)
+        w_logits = w_logits.view(-1, self.num_inbounds, self.channels)
         if self.needs_mask:
             chan = torch.arange(self.channels, device=logits.device)
             valid = torch.tensor(self.valid_channels, device=logits.device)
-            keep = chan.unsqueeze(0) < valid.unsqueeze(1)  # (n, C)
-            w_logits = w_logits.masked_fill(~keep.unsqueeze(0), float('-inf'))
+            w_logits = w_logits.masked_fill(chan >= valid.unsqueeze(1), float('-inf'))  # (n, C) broadcast
         w = torch.softmax(w_logits, dim=1)
         return v, w
 
@@ -106,30 +263,44 @@ class DenseGate(nn.Module):
         self.num_inbounds = num_inbounds
         hidden = gate_hidden_channels(channels, reduction)
         width = (num_inbounds + 1) * channels
-        self.fc1 = nn.Conv2d(width, hidden, 1, bias=False, **dd)
+        self.fc1 = GateConv(width, hidden, 1, bias=False, **dd)
         self.bn = GateBatchNorm(hidden, **dd)
         self.act = act_layer(inplace=True)
-        self.fc2 = nn.Conv2d(hidden, width, 1, bias=True, **dd)
+        self.fc2 = GateConv(hidden, width, 1, bias=True, **dd)
         self.weights = GateWeights(channels, valid_channels)
 
     def compute_weights(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns ``v`` of shape (B, C) and ``w`` of shape (B, n, C)."""
-        pooled = [y.mean((2, 3), keepdim=True)]
+        pooled = [global_avg_pool(y)]
         for a in inbounds:
-            pooled.append(a.mean((2, 3), keepdim=True))
+            pooled.append(global_avg_pool(a))
+        return self.weights_from_pooled(pooled)
+
+    def weights_from_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compute_weights` from the :func:`global_avg_pool` (B, C) of y and of each inbound.
+
+        For callers that keep the pooled vector of each block output with the output: every output is then pooled
+        once, not once by each of the N blocks that mix it.
+        """
         g = torch.cat(pooled, dim=1)
-        logits = self.fc2(self.act(self.bn(self.fc1(g))))
-        logits = logits.reshape(logits.shape[0], self.num_inbounds + 1, self.channels)
-        return self.weights(logits)
+        return self.weights(self.fc2(self.act(self.bn(self.fc1(g)))))
 
     @staticmethod
     def mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
-        """``v * y + sum_k w_k * a_k``, with v (B, C) and w (B, n, C) broadcast over H, W."""
-        # one multiply-add per element per inbound (addcmul), plus one multiply for v
-        out = y * v[:, :, None, None]
-        for k, a in enumerate(inbounds):
-            out = torch.addcmul(out, a, w[:, k, :, None, None])
-        return out
+        """``v * y + sum_k w_k * a_k``, with v (B, C) and w (B, n, C) broadcast over H, W.
+
+        Under torch.compile it is the plain formula, which the compiler fuses into one pass; in eager mode it
+        accumulates in place (:func:`weighted_sum`) with a leaner backward (:class:`_WeightedSumFn`).
+        """
+        if torch.jit.is_scripting():
+            return weighted_sum(y, v, w, inbounds)
+        else:
+            if _is_compiling():
+                out = y * v[:, :, None, None]
+                for k, a in enumerate(inbounds):
+                    out = out + a * w[:, k, :, None, None]
+                return out
+            return weighted_sum_lean_backward(y, v, w, inbounds)
 
     def forward(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
         v, w = self.compute_weights(y, inbounds)

@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init_weights, round_channels
 from timm.models._features import feature_take_indices
 from timm.models.efficientnet import EfficientNet
 
 from .gate import DenseGate, adjust_inbound
+from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
 from .resnet import PAPER, DenseStage
 
 __all__ = ['DenseMobileNetV2', 'DenseInvertedResidual', 'DenseDepthwiseSeparableConv', 'make_dense_block']
@@ -294,7 +295,7 @@ class DenseMobileNetV2(EfficientNet):
 
 def _create_densemobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
     """Build a DenseMobileNetV2 variant with timm's builder (pretrained loading, features_only, cfg handling)."""
-    return build_model_with_cfg(
+    return build_model_with_pretrained(
         DenseMobileNetV2,
         variant,
         pretrained,
@@ -315,7 +316,12 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({f'densemobilenetv2_n{n}': _cfg() for n in (2, 4, 6, 8)})
+# `ra_in1k_warm`: timm's mobilenetv2_100.ra_in1k weights, gates at identity (approximate: see MODEL_CARD.md)
+default_cfgs = untagged_default({
+    **{f'densemobilenetv2_n{n}': _cfg() for n in (2, 4, 6, 8)},
+    **warm_start_cfgs([f'densemobilenetv2_n{n}' for n in (2, 4, 6, 8)], 'mobilenetv2_100.ra_in1k', _cfg(),
+                      exact=False),
+})
 
 
 def _densemobilenetv2(n: int, pretrained: bool, **kwargs) -> DenseMobileNetV2:

@@ -7,19 +7,22 @@ Block i mixes its branch with the previous N block outputs (numbered across the 
 ``x_i = act(v * f_i(x_{i-1}) + sum_k w_ik * a_k)``. Outputs of an earlier stage are brought to the current
 stage's shape once per forward (ceil-mode 2x2 avg-pool + zero channel pad) and reused by every later block.
 """
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_act_layer, get_norm_layer, to_ntuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, make_blocks
 from torch.utils.checkpoint import checkpoint
 
-from .gate import DenseGate, adjust_inbound
+from .gate import DenseGate, adjust_inbound, global_avg_pool
+from .pretrained import FASHION_MNIST, build_model_with_pretrained, hub_cfgs, untagged_default, warm_start_cfgs
 
 __all__ = ['DenseResNet', 'DenseBasicBlock']
 
@@ -27,10 +30,15 @@ __all__ = ['DenseResNet', 'DenseBasicBlock']
 class DenseBasicBlock(BasicBlock):
     """timm's BasicBlock whose residual add is replaced by a Gate-Module over the last N block outputs.
 
-    The block maps the history ``[x_{i-n}, ..., x_{i-1}]`` (oldest first, already in the previous block's output
-    shape) to the new history ``[..., x_{i-1}', x_i]`` with at most ``history_len`` entries. When the block
-    changes the shape (stride or width), the history is adjusted to the new shape here, once, and passed on.
-    Without a gate (``history_len`` 0) it is a plain residual block, which is how ``resnet110`` is built.
+    The block maps the history of the last n block outputs ``[x_{i-n}, ..., x_{i-1}]`` (oldest first, already in
+    the previous block's output shape) to the new history ``[..., x_{i-1}', x_i]`` with at most ``history_len``
+    outputs. When the block changes the shape (stride or width), the history is adjusted to the new shape here,
+    once, and passed on. Without a gate it is a plain residual block, which is how ``resnet110`` is built.
+
+    The gate needs the global average of every inbound, and each output is an inbound of N blocks; so a dense
+    block passes each output's pooled (B, C, 1, 1) mean along, in front of the outputs:
+    ``[p_{i-n}, ..., p_{i-1}, x_{i-n}, ..., x_{i-1}]``. The first block gets the bare ``[x_0]``, and
+    ``history[-1]`` is always the latest output.
     """
 
     def __init__(self, *args, **kwargs):
@@ -84,17 +92,45 @@ class DenseBasicBlock(BasicBlock):
         if gate is None:
             return [self.act2(y_mixed + shortcut)]
 
+        if len(history) == 1:  # the bare [x_0]
+            outputs, pooled = history, [global_avg_pool(history[0])]
+        else:
+            outputs, pooled = history[len(history) // 2:], history[:len(history) // 2]
         if self.changes_shape:
-            history = [adjust_inbound(h, self.in_chs, self.out_chs, self.pool_history) for h in history]
+            outputs = [adjust_inbound(h, self.in_chs, self.out_chs, self.pool_history) for h in outputs]
+            pooled = [global_avg_pool(h) for h in outputs]
         # inbounds: the shortcut replaces x_{i-1}, then x_{i-2}, x_{i-3}, ... (most recent first)
         inbounds = [shortcut]
+        inbounds_pooled = [pooled[-1] if self.downsample is None else global_avg_pool(shortcut)]
         for k in range(2, self.num_inbounds + 1):
-            inbounds.append(history[-k])
+            inbounds.append(outputs[-k])
+            inbounds_pooled.append(pooled[-k])
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
-        v, w = gate.compute_weights(y, inbounds)
+        v, w = gate.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
         out = self.act2(gate.mix(y_mixed, v, w, inbounds))
-        # a new list: the caller's history must stay intact (activation checkpointing re-runs this block)
-        return (history + [out])[-self.history_len:]
+        # new lists: the caller's history must stay intact (activation checkpointing re-runs this block)
+        outputs = (outputs + [out])[-self.history_len:]
+        pooled = (pooled + [global_avg_pool(out)])[-self.history_len:]
+        return pooled + outputs
+
+
+@contextmanager
+def _keep_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Restore the BatchNorm running statistics of ``module`` on exit: checkpointing re-runs a block's forward
+    in backward, which would otherwise update them (and ``num_batches_tracked``) a second time per step."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def _checkpoint_contexts(block: nn.Module) -> Tuple[ContextManager, ContextManager]:
+    return nullcontext(), _keep_norm_stats(block)  # (forward, recompute)
 
 
 class DenseStage(nn.Sequential):
@@ -107,7 +143,8 @@ class DenseStage(nn.Sequential):
     def forward(self, history: List[torch.Tensor]) -> List[torch.Tensor]:
         for block in self:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                history = checkpoint(block, history, use_reentrant=False)
+                history = checkpoint(
+                    block, history, use_reentrant=False, context_fn=partial(_checkpoint_contexts, block))
             else:
                 history = block(history)
         return history
@@ -188,7 +225,10 @@ class DenseResNet(nn.Module):
         for stage_idx, (name, stage) in enumerate(stage_modules):
             self.add_module(name, DenseStage(*stage))
             stage_reduction *= 1 if stage_idx == 0 else 2
-            self.feature_info.append(dict(num_chs=channels[stage_idx], reduction=stage_reduction, module=name))
+            # a stage returns the history list; its feature is the output of the last block's final activation,
+            # the module that timm's 'hook' (forward hook) and 'fx' (graph node) feature extractors must name
+            self.feature_info.append(dict(
+                num_chs=channels[stage_idx], reduction=stage_reduction, module=f'{name}.{len(stage) - 1}.act2'))
         # unused stages stay as empty Sequentials so forward (and TorchScript) can name all four
         for stage_idx in range(len(stage_modules), 4):
             self.add_module(f'layer{stage_idx + 1}', DenseStage())
@@ -336,9 +376,10 @@ class DenseResNet(nn.Module):
 
 
 def _create_denseresnet(variant: str, pretrained: bool = False, **kwargs) -> DenseResNet:
-    """Build a DenseResNet variant with timm's builder (pretrained loading, features_only, cfg handling)."""
+    """Build a DenseResNet variant with timm's builder (pretrained loading, features_only, cfg handling), through
+    the checked pretrained loading of ``pretrained.py`` (checksums, warm starts, clear errors)."""
     num_features = len(kwargs.get('layers', (3, 4, 6, 3))) + 1  # stem + one per stage
-    return build_model_with_cfg(
+    return build_model_with_pretrained(
         DenseResNet,
         variant,
         pretrained,
@@ -377,10 +418,21 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
         mean=CIFAR100_MEAN, std=CIFAR100_STD, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+def _fmnist_cfg(**kwargs) -> Dict[str, Any]:
+    """Fashion-MNIST config of the CIFAR-layout models: 1x28x28 input, 10 classes, 7x7 final feature map."""
+    return _cfg(**dict(FASHION_MNIST, pool_size=(7, 7), **kwargs))
+
+
+# Tagged cfgs are checkpoints (see MODEL_CARD.md): `fmnist` ones live at timm-denseres/{model}.fmnist on the Hub;
+# `a1_in1k_warm` ones are timm's resnet34.a1_in1k weights with the gates at identity. The untagged cfgs stay the
+# defaults (the paper's ImageNet / CIFAR-100 set-ups), which have no weights yet.
+default_cfgs = untagged_default({
     **{f'denseresnet34_n{n}': _cfg() for n in (2, 4, 6, 8)},
+    **warm_start_cfgs([f'denseresnet34_n{n}' for n in (2, 4, 6, 8)], 'resnet34.a1_in1k', _cfg()),
     'resnet110': _cifar_cfg(),
     **{f'denseresnet110_n{n}': _cifar_cfg() for n in (2, 4, 6, 8)},
+    **hub_cfgs(('resnet110', 'denseresnet110_n4'), 'fmnist', _fmnist_cfg(
+        description='Trained on Fashion-MNIST (10 classes, 28x28 grayscale) with timm\'s train.py.')),
 })
 
 
@@ -390,9 +442,9 @@ def _denseresnet34(n: int, pretrained: bool, **kwargs) -> DenseResNet:
 
 
 def _resnet110(variant: str, n: int, pretrained: bool, **kwargs) -> DenseResNet:
+    # num_classes comes from the cfg (100 for the untagged CIFAR-100 cfg, 10 for `.fmnist`), as in_chans does
     model_args = dict(
-        layers=(18, 18, 18), channels=(16, 32, 64), stem='cifar', stem_width=16, dense_n=n, gate_reduction=2,
-        num_classes=100)
+        layers=(18, 18, 18), channels=(16, 32, 64), stem='cifar', stem_width=16, dense_n=n, gate_reduction=2)
     return _create_denseresnet(variant, pretrained, **dict(model_args, **kwargs))
 
 

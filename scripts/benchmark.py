@@ -1,0 +1,257 @@
+"""Speed and memory of a DenseResNet against its baseline, measured in the same run.
+
+For each pair (model, baseline) and device it measures, interleaved (model, baseline, baseline, model, ...):
+inference and training-step throughput (images/s, the median over the repeats), the peak memory of one training
+step and one inference batch, parameters and multiply-adds (``timm_denseres.flops.count_macs``). It prints one
+Markdown table per run with a ``ratio`` row (model / baseline) under each pair. The ratios are the median of the
+per-repeat ratios, so load that changes during the run cancels out as far as possible.
+
+    # the README table (CPU, 2 threads, batch 32)
+    PYTHONPATH=. python scripts/benchmark.py --threads 2 --batch-size 32
+    # one pair, faster settings
+    PYTHONPATH=. python scripts/benchmark.py --pairs resnet110 --repeats 3 --min-time 0.5
+    # any two timm models
+    PYTHONPATH=. python scripts/benchmark.py --model denseresnet34_n2 --baseline resnet34 --img-size 160
+
+Peak memory counts what a step allocates on top of what already lives (parameters, buffers, optimizer state,
+the input batch), plus those persistent bytes. On CUDA it is ``torch.cuda.max_memory_allocated``; on CPU it is
+followed through the allocation events of ``torch.profiler`` (profile_memory=True), which see PyTorch's own
+allocator only (not, e.g., oneDNN scratch space allocated outside it).
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import timm_denseres  # noqa: F401  registers the models
+from timm_denseres.flops import count_macs
+
+# baseline name -> (dense model, image size)
+PAIRS: Dict[str, Tuple[str, int]] = {
+    'resnet110': ('denseresnet110_n4', 32),
+    'resnet34': ('denseresnet34_n6', 224),
+    'mobilenetv2_100': ('densemobilenetv2_n4', 224),
+}
+AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+@dataclass
+class Subject:
+    """One model under test and what was measured for it."""
+    name: str
+    model: nn.Module
+    step: Dict[str, Callable[[], None]] = field(default_factory=dict)
+    rates: Dict[str, List[float]] = field(default_factory=dict)  # images/s per repeat
+    peak: Dict[str, float] = field(default_factory=dict)  # bytes
+    params: int = 0
+    macs: Optional[int] = None
+    persistent_bytes: Callable[[], int] = lambda: 0  # parameters, buffers, optimizer state, input
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _make_steps(subject: Subject, args, device: torch.device, size: int) -> None:
+    """Inference and training closures that each process one batch (the same batch every time)."""
+    model = subject.model
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    num_classes = model.num_classes
+    x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    target = torch.randint(0, num_classes, (args.batch_size,), device=device)
+    amp_dtype = AMP_DTYPES[args.amp_dtype]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    runner = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode(), autocast():
+            runner(x)
+
+    def train() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(runner(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    subject.step = {'infer': infer, 'train': train}
+    subject.persistent_bytes = lambda: (
+        sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        + sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+              if torch.is_tensor(v))
+        + x.numel() * x.element_size() + target.numel() * target.element_size())
+
+
+def _timed(step: Callable[[], None], device: torch.device, min_time: float, clock: Callable[[], float]) -> float:
+    """Calls/s of ``step``, run until ``clock`` has advanced ``min_time`` seconds (at least once)."""
+    _sync(device)
+    start = clock()
+    calls = 0
+    while True:
+        step()
+        calls += 1
+        _sync(device)
+        elapsed = clock() - start
+        if elapsed >= min_time:
+            return calls / elapsed
+
+
+def _peak_bytes(subject: Subject, mode: str, device: torch.device) -> float:
+    """Peak bytes during one call of a step, the persistent state (parameters, optimizer state, input) included."""
+    step = subject.step[mode]
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return float(torch.cuda.max_memory_allocated(device))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            live += event.nbytes()
+            peak = max(peak, live)
+    return float(peak + subject.persistent_bytes())
+
+
+def _ratio_of_medians_per_repeat(a: List[float], b: List[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def benchmark_pair(names: Tuple[str, str], size: int, device: torch.device, args) -> List[Subject]:
+    """Measure ``names`` = (model, baseline) on ``device``; returns both subjects with their results."""
+    subjects = []
+    for name in names:
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+        subject = Subject(name, model, params=sum(p.numel() for p in model.parameters()))
+        if not args.no_macs:
+            subject.macs = count_macs(model, (3, size, size))['total']
+        _make_steps(subject, args, device, size)
+        subjects.append(subject)
+
+    # CPU time of the process (all its threads) instead of wall time: on a shared machine it leaves out the time
+    # the other processes take, though not what they do to caches and memory bandwidth
+    clock = time.process_time if args.timer == 'cpu' and device.type == 'cpu' else time.perf_counter
+    for mode in args.modes:
+        for subject in subjects:  # warm-up: allocator, oneDNN primitives, torch.compile
+            for _ in range(args.warmup):
+                subject.step[mode]()
+            subject.rates[mode] = []
+        for repeat in range(args.repeats):
+            order = subjects if repeat % 2 == 0 else subjects[::-1]  # ABBA: drifting load hits both alike
+            for subject in order:
+                calls_per_s = _timed(subject.step[mode], device, args.min_time, clock)
+                subject.rates[mode].append(calls_per_s * args.batch_size)
+        if not args.no_memory:
+            for subject in subjects:
+                subject.peak[mode] = _peak_bytes(subject, mode, device)
+    return subjects
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def format_table(results: List[Tuple[str, int, List[Subject]]], args) -> str:
+    modes = args.modes
+    head = ['device', 'model', 'img', 'params (M)', 'GMACs']
+    head += [f'{m} img/s' for m in modes]
+    head += [f'{m} peak MB' for m in modes] if not args.no_memory else []
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for device, size, (model, base) in results:
+        for s in (model, base):
+            row = [device, s.name, str(size), f'{s.params / 1e6:.2f}', _fmt(s.macs and s.macs / 1e9, '.3f')]
+            row += [f'{statistics.median(s.rates[m]):.1f}' for m in modes]
+            row += [f'{s.peak[m] / 2 ** 20:.0f}' for m in modes] if not args.no_memory else []
+            lines.append('| ' + ' | '.join(row) + ' |')
+        row = [device, f'**ratio** {model.name} / {base.name}', str(size), f'{model.params / base.params:.3f}',
+               _fmt(model.macs and base.macs and model.macs / base.macs, '.3f')]
+        row += [f'**{_ratio_of_medians_per_repeat(model.rates[m], base.rates[m]):.3f}**' for m in modes]
+        row += [f'**{model.peak[m] / base.peak[m]:.3f}**' for m in modes] if not args.no_memory else []
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--pairs', nargs='+', default=list(PAIRS), choices=list(PAIRS),
+                        help='baselines to compare with their DenseResNet: ' + ', '.join(
+                            f'{b} (vs {m}, {s}px)' for b, (m, s) in PAIRS.items()))
+    parser.add_argument('--model', help='any timm model (with --baseline) instead of --pairs')
+    parser.add_argument('--baseline', help='the model to divide by')
+    parser.add_argument('--img-size', type=int, help='image size (default: the pair\'s, 224 for --model)')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--devices', nargs='+', default=None, help='default: cpu, and cuda when present')
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--modes', nargs='+', default=['infer', 'train'], choices=['infer', 'train'])
+    parser.add_argument('--repeats', type=int, default=5, help='interleaved timed repeats per model and mode')
+    parser.add_argument('--min-time', type=float, default=1.0, help='seconds per timed repeat (at least one step)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per model and mode')
+    parser.add_argument('--timer', default='wall', choices=['wall', 'cpu'],
+                        help="'cpu': images per second of process CPU time (CPU device only; for a busy machine)")
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--amp-dtype', default='none', choices=list(AMP_DTYPES))
+    parser.add_argument('--compile', action='store_true', help='torch.compile both models (default inductor)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--no-macs', action='store_true', help='skip counting multiply-adds')
+    args = parser.parse_args(argv)
+    if (args.model is None) != (args.baseline is None):
+        parser.error('--model and --baseline go together')
+    if args.devices is None:
+        args.devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.model:
+        jobs = [((args.model, args.baseline), args.img_size or 224)]
+    else:
+        jobs = [((PAIRS[b][0], b), args.img_size or PAIRS[b][1]) for b in args.pairs]
+    available = set(timm.list_models())
+    for names, _ in jobs:
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise SystemExit(f'unknown model(s): {", ".join(missing)}')
+
+    load_before = os.getloadavg()
+    start = time.time()
+    results = []
+    for device_name in args.devices:
+        device = torch.device(device_name)
+        for names, size in jobs:
+            print(f'measuring {names[0]} vs {names[1]} at {size}px on {device_name} ...', flush=True)
+            results.append((device_name, size, benchmark_pair(names, size, device, args)))
+    load_after = os.getloadavg()
+
+    gpu = f', {torch.cuda.get_device_name()}' if 'cuda' in args.devices else ''
+    print(f'\ntorch {torch.__version__}, timm {timm.__version__}, {args.threads} CPU threads{gpu}; batch '
+          f'{args.batch_size}, {args.repeats} interleaved repeats of >= {args.min_time:g}s ({args.timer} time), channels_last '
+          f'{args.channels_last}, amp {args.amp_dtype}, compile {args.compile}; {time.time() - start:.0f}s; '
+          f'load average (1/5/15 min) before {"/".join(f"{x:.1f}" for x in load_before)}, '
+          f'after {"/".join(f"{x:.1f}" for x in load_after)} on {os.cpu_count()} CPUs\n')
+    print(format_table(results, args))
+
+
+if __name__ == '__main__':
+    main()

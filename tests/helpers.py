@@ -1,0 +1,51 @@
+"""Small shared helpers for the tests: which models the plugin registers, and inputs sized for them."""
+import math
+from typing import List, Tuple
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg_value, model_entrypoint
+
+import timm_denseres  # noqa: F401  registers the models
+
+PLUGIN_PACKAGE = 'timm_denseres'
+
+
+def plugin_model_names() -> List[str]:
+    """Every model in timm's registry whose entrypoint lives in this package, so a new family (module) that
+    registers models joins every parametrized test without a list to update."""
+    return sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(PLUGIN_PACKAGE))
+
+
+def model_family(name: str) -> str:
+    """The module that registered a model, e.g. ``timm_denseres.resnet``."""
+    return model_entrypoint(name).__module__
+
+
+def cfg_input_size(name: str) -> Tuple[int, int, int]:
+    return tuple(get_pretrained_cfg_value(name, 'input_size'))
+
+
+def is_small_input_model(name: str) -> bool:
+    """CIFAR-style models (32 px default input) as opposed to ImageNet-style ones."""
+    return max(cfg_input_size(name)[1:]) <= 64
+
+
+def small_size(name: str) -> int:
+    """A small square input that still runs every stage with more than one pixel: the default size for
+    CIFAR models (32), 64 for ImageNet models (last stage 2x2 at reduction 32)."""
+    return min(max(cfg_input_size(name)[1:]), 64)
+
+
+def odd_sizes(name: str) -> Tuple[int, ...]:
+    """Sizes that are not multiples of the network's reduction, so every stride-2 layer sees odd inputs."""
+    return (33, 27) if is_small_input_model(name) else (97, 225, 33)
+
+
+def make_input(batch: int, size: int, in_chans: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, in_chans, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def reduced(size: int, reduction: int) -> int:
+    """Spatial size after ``reduction``: every stride-2 layer pads so that it rounds up."""
+    return math.ceil(size / reduction)
