@@ -4,7 +4,9 @@ For each pair (model, baseline) and device it measures, interleaved (model, base
 inference and training-step throughput (images/s, the median over the repeats), the peak memory of one training
 step and one inference batch, parameters and multiply-adds (``timm_denseres.flops.count_macs``). It prints one
 Markdown table per run with a ``ratio`` row (model / baseline) under each pair. The ratios are the median of the
-per-repeat ratios, so load that changes during the run cancels out as far as possible.
+per-repeat ratios, so load that changes during the run cancels out as far as possible. Each model runs in a
+worker process of its own (one at a time), as it would alone: sharing one process's heap made the ratios depend
+on which model had allocated what before.
 
     # the README table (CPU, 2 threads, batch 32)
     PYTHONPATH=. python scripts/benchmark.py --threads 2 --batch-size 32
@@ -20,6 +22,7 @@ allocator only (not, e.g., oneDNN scratch space allocated outside it).
 """
 import argparse
 import contextlib
+import multiprocessing
 import os
 import statistics
 import time
@@ -41,6 +44,10 @@ PAIRS: Dict[str, Tuple[str, int]] = {
     'resnet34': ('denseresnet34_n6', 224),
     'mobilenetv2_100': ('densemobilenetv2_n4', 224),
 }
+# glibc malloc settings for --malloc steady: every allocation from the heap, which is never given back to the
+# system. By default glibc trims the heap and maps large blocks afresh, so a tensor's memory often comes with page
+# faults, depending on what the process allocated before (the ratios moved by 10-30 % from run to run).
+STEADY_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 30), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 40)}
 AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -136,34 +143,90 @@ def _ratio_of_medians_per_repeat(a: List[float], b: List[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def benchmark_pair(names: Tuple[str, str], size: int, device: torch.device, args) -> List[Subject]:
-    """Measure ``names`` = (model, baseline) on ``device``; returns both subjects with their results."""
-    subjects = []
-    for name in names:
-        torch.manual_seed(0)
-        model = timm.create_model(name)
-        subject = Subject(name, model, params=sum(p.numel() for p in model.parameters()))
-        if not args.no_macs:
-            subject.macs = count_macs(model, (3, size, size))['total']
-        _make_steps(subject, args, device, size)
-        subjects.append(subject)
-
+def _serve(conn, name: str, size: int, device_name: str, args) -> None:
+    """A worker process: builds one model, then answers the parent's requests until it says stop."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    subject = Subject(name, model, params=sum(p.numel() for p in model.parameters()))
+    macs = None if args.no_macs else count_macs(model, (3, size, size))['total']
+    _make_steps(subject, args, device, size)
     # CPU time of the process (all its threads) instead of wall time: on a shared machine it leaves out the time
     # the other processes take, though not what they do to caches and memory bandwidth
     clock = time.process_time if args.timer == 'cpu' and device.type == 'cpu' else time.perf_counter
-    for mode in args.modes:
-        for subject in subjects:  # warm-up: allocator, oneDNN primitives, torch.compile
+    conn.send((subject.params, macs))
+    while True:
+        request, mode = conn.recv()
+        if request == 'stop':
+            return
+        if request == 'warmup':  # allocator, oneDNN primitives, torch.compile
             for _ in range(args.warmup):
                 subject.step[mode]()
-            subject.rates[mode] = []
-        for repeat in range(args.repeats):
-            order = subjects if repeat % 2 == 0 else subjects[::-1]  # ABBA: drifting load hits both alike
-            for subject in order:
-                calls_per_s = _timed(subject.step[mode], device, args.min_time, clock)
-                subject.rates[mode].append(calls_per_s * args.batch_size)
-        if not args.no_memory:
+            conn.send(None)
+        elif request == 'rate':
+            conn.send(_timed(subject.step[mode], device, args.min_time, clock) * args.batch_size)
+        elif request == 'peak':
+            conn.send(_peak_bytes(subject, mode, device))
+
+
+class _Worker:
+    """One model in a process of its own. Both models of a pair then run as they would alone: PyTorch frees CPU
+    tensors to the C allocator, and in one shared process the other model's allocations change when the heap
+    grows and shrinks (page faults), which moved a ratio by more than 10 % from run to run."""
+
+    def __init__(self, name: str, size: int, device_name: str, args):
+        context = multiprocessing.get_context('spawn')
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, name, size, device_name, args), daemon=True)
+        saved_env = dict(os.environ)
+        if args.malloc == 'steady':  # read by glibc when the worker starts
+            os.environ.update(STEADY_MALLOC_ENV)
+        try:
+            self.process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+        self.name = name
+
+    def ask(self, request: str, mode: Optional[str] = None):
+        self.conn.send((request, mode))
+        if request == 'stop':
+            self.process.join()
+            return None
+        return self.conn.recv()
+
+    def receive(self):
+        return self.conn.recv()
+
+
+def benchmark_pair(names: Tuple[str, str], size: int, device: torch.device, args) -> List[Subject]:
+    """Measure ``names`` = (model, baseline) on ``device``; returns both subjects with their results.
+
+    Each model lives in its own worker process; only one of them runs at a time, in the order model, baseline,
+    baseline, model, ... so that load that drifts during the run hits both alike."""
+    workers = [_Worker(name, size, device.type if device.index is None else str(device), args) for name in names]
+    subjects = []
+    try:
+        for worker in workers:
+            params, macs = worker.receive()
+            subjects.append(Subject(worker.name, nn.Identity(), params=params, macs=macs))
+        for mode in args.modes:
+            for worker in workers:
+                worker.ask('warmup', mode)
             for subject in subjects:
-                subject.peak[mode] = _peak_bytes(subject, mode, device)
+                subject.rates[mode] = []
+            for repeat in range(args.repeats):
+                order = list(zip(workers, subjects))
+                for worker, subject in (order if repeat % 2 == 0 else order[::-1]):
+                    subject.rates[mode].append(worker.ask('rate', mode))
+            if not args.no_memory:
+                for worker, subject in zip(workers, subjects):
+                    subject.peak[mode] = worker.ask('peak', mode)
+    finally:
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.ask('stop')
     return subjects
 
 
@@ -208,6 +271,9 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per model and mode')
     parser.add_argument('--timer', default='wall', choices=['wall', 'cpu'],
                         help="'cpu': images per second of process CPU time (CPU device only; for a busy machine)")
+    parser.add_argument('--malloc', default='default', choices=['default', 'steady'],
+                        help="'steady': glibc keeps freed memory in the heap (no trimming, no fresh mmap per large "
+                             "tensor), which removes page-fault noise from CPU timings (see STEADY_MALLOC_ENV)")
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--amp-dtype', default='none', choices=list(AMP_DTYPES))
     parser.add_argument('--compile', action='store_true', help='torch.compile both models (default inductor)')
@@ -246,7 +312,7 @@ def main(argv=None) -> None:
 
     gpu = f', {torch.cuda.get_device_name()}' if 'cuda' in args.devices else ''
     print(f'\ntorch {torch.__version__}, timm {timm.__version__}, {args.threads} CPU threads{gpu}; batch '
-          f'{args.batch_size}, {args.repeats} interleaved repeats of >= {args.min_time:g}s ({args.timer} time), channels_last '
+          f'{args.batch_size}, {args.repeats} interleaved repeats of >= {args.min_time:g}s ({args.timer} time), malloc {args.malloc}, channels_last '
           f'{args.channels_last}, amp {args.amp_dtype}, compile {args.compile}; {time.time() - start:.0f}s; '
           f'load average (1/5/15 min) before {"/".join(f"{x:.1f}" for x in load_before)}, '
           f'after {"/".join(f"{x:.1f}" for x in load_after)} on {os.cpu_count()} CPUs\n')

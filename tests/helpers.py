@@ -4,6 +4,7 @@ from typing import List, Tuple
 
 import timm
 import torch
+import torch.nn as nn
 from timm.models import get_pretrained_cfg_value, model_entrypoint
 
 import timm_denseres  # noqa: F401  registers the models
@@ -49,3 +50,17 @@ def make_input(batch: int, size: int, in_chans: int = 3, seed: int = 0) -> torch
 def reduced(size: int, reduction: int) -> int:
     """Spatial size after ``reduction``: every stride-2 layer pads so that it rounds up."""
     return math.ceil(size / reduction)
+
+
+def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random BatchNorm affine parameters and statistics (seeded), returned in eval mode: the default init zeroes
+    the last BN of each branch, which would make branches vanish and comparisons trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from timm.models import group_parameters
 
-from helpers import make_input, model_family, odd_sizes, plugin_model_names, reduced, small_size
+from helpers import (
+    make_input, model_family, odd_sizes, plugin_model_names, randomize_norms, reduced, small_size)
 from timm_denseres.gate import GateBatchNorm
 
 MODELS = plugin_model_names()
@@ -28,23 +29,12 @@ FAMILIES = sorted({model_family(n) for n in MODELS})
 BATCH = 2
 
 
-def _randomize_norms(model: nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
 @functools.lru_cache(maxsize=None)
 def _base(name: str) -> nn.Module:
     """One model per name and worker, in eval mode. Read only: tests that change a model use ``_fresh``."""
     torch.manual_seed(0)
     model = timm.create_model(name)
-    _randomize_norms(model)
+    randomize_norms(model)
     return model.eval()
 
 
@@ -267,16 +257,7 @@ def test_forward_intermediates_stop_early(name):
     assert early_calls < full_calls / 2
 
 
-def _hook_features_case(name: str):
-    marks = []
-    if model_family(name) == 'timm_denseres.mobilenet':
-        marks.append(pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-            'feature_info names the stages (blocks.S), whose output is the history list: a forward hook gets a '
-            'list. Needs a module that outputs each stage\'s last block output.')))
-    return pytest.param(name, 'hook', marks=marks)
-
-
-@pytest.mark.parametrize('name,feature_cls', [(n, 'getter') for n in MODELS] + [_hook_features_case(n) for n in MODELS])
+@pytest.mark.parametrize('name,feature_cls', [(n, cls) for cls in ('getter', 'hook') for n in MODELS])
 def test_features_only(name, feature_cls):
     """features_only: the default FeatureGetterNet (over forward_intermediates) and timm's forward-hook wrapper
     (whose hooks sit on the feature_info modules): feature_info matches the outputs, and the features equal

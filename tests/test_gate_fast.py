@@ -87,7 +87,7 @@ class ReferenceGate(DenseGate):
         return reference_weights(self, y, inbounds)
 
     @staticmethod
-    def mix(y, v, w, inbounds):
+    def mix(y, v, w, inbounds, reuse_y=False):
         return reference_mix(y, v, w, inbounds)
 
 
@@ -159,11 +159,15 @@ GATE_CASES = [
 @pytest.mark.parametrize('channels,valid,size,reduction', GATE_CASES)
 @pytest.mark.parametrize('training,batch', [(True, 3), (False, 3), (True, 1)])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_gate_matches_reference(channels, valid, size, reduction, training, batch, channels_last):
+@pytest.mark.parametrize('inspect', [False, True], ids=['fused', 'modules'])
+def test_gate_matches_reference(channels, valid, size, reduction, training, batch, channels_last, inspect):
+    """Both ways the gate's small layers run: fused into one autograd node (no hooks), and as modules (a forward
+    hook on ``gate.weights``, as ``record_gates`` registers, makes the gate call its modules)."""
     fast = _make_gate(channels, valid, reduction, seed=channels + len(valid)).train(training)
     ref = copy.deepcopy(fast)
     seen = []
-    fast.weights.register_forward_hook(lambda m, i, o: seen.append(o))
+    if inspect:
+        fast.weights.register_forward_hook(lambda m, i, o: seen.append(o))
     inputs = _inputs(batch, channels, valid, size, seed=len(valid), channels_last=channels_last)
     before = [t.detach().clone() for t in inputs]
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
@@ -171,10 +175,11 @@ def test_gate_matches_reference(channels, valid, size, reduction, training, batc
     out = fast(inputs[0], inputs[1:])
     ref_out, ref_v, ref_w = reference_gate(ref, ref_inputs[0], ref_inputs[1:])
     torch.testing.assert_close(out, ref_out, **TOL)
-    (v, w), = seen  # the inspection hook sees (v (B, C), w (B, n, C))
-    assert v.shape == (batch, channels) and w.shape == (batch, len(valid), channels)
-    torch.testing.assert_close(v, ref_v, **TOL)
-    torch.testing.assert_close(w, ref_w, **TOL)
+    if inspect:
+        (v, w), = seen  # the inspection hook sees (v (B, C), w (B, n, C))
+        assert v.shape == (batch, channels) and w.shape == (batch, len(valid), channels)
+        torch.testing.assert_close(v, ref_v, **TOL)
+        torch.testing.assert_close(w, ref_w, **TOL)
 
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     out.backward(grad)
@@ -199,6 +204,56 @@ def test_split_api_and_pooled_api_match_forward():
         v2, w2 = gate.weights_from_pooled(pooled)
     torch.testing.assert_close(v2, v, **TOL)
     torch.testing.assert_close(w2, w, **TOL)
+
+
+@pytest.mark.parametrize('training,batch', [(True, 4), (False, 4), (True, 1)])
+@pytest.mark.parametrize('valid', [[16, 16, 16], [16, 8, 16, 4]])
+def test_fused_gate_head_equals_the_modules_exactly(training, batch, valid):
+    """The one-node gate (_GateHeadFn) runs the modules' own operations: (v, w), every gradient and the BatchNorm
+    statistics are bitwise those of the module path, and it is the node autograd records."""
+    fused = _make_gate(16, valid, 2, seed=5).train(training)
+    modules = copy.deepcopy(fused)
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(batch, 16, 5, 6, generator=gen, requires_grad=True)
+    pooled = [torch.randn(batch, 16, generator=gen, requires_grad=True) for _ in valid]
+    y2, pooled2 = y.detach().clone().requires_grad_(), [p.detach().clone().requires_grad_() for p in pooled]
+
+    v, w = fused.weights_for(y, pooled)
+    assert type(v.grad_fn).__name__ == '_GateHeadFnBackward'
+    modules.weights.register_forward_hook(lambda *_: None)  # a hook: the gate must call its modules
+    v2, w2 = modules.weights_for(y2, pooled2)
+    assert type(v2.grad_fn).__name__ != '_GateHeadFnBackward'
+    assert torch.equal(v, v2) and torch.equal(w, w2)
+
+    grad_v, grad_w = torch.randn(v.shape, generator=gen), torch.randn(w.shape, generator=gen)
+    ((v * grad_v).sum() + (w * grad_w).sum()).backward()
+    ((v2 * grad_v).sum() + (w2 * grad_w).sum()).backward()
+    for a, b in zip([y] + pooled, [y2] + pooled2):
+        assert torch.equal(a.grad, b.grad)
+    for (name, p), q in zip(fused.named_parameters(), modules.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(fused.named_buffers(), modules.buffers()):
+        assert torch.equal(b, c), name
+    with torch.no_grad():  # inference: the same operations without autograd
+        assert all(torch.equal(a, b) for a, b in zip(fused.weights_for(y, pooled), modules.weights_for(y2, pooled2)))
+
+
+def test_inference_mix_reuses_only_a_temporary_branch_output():
+    """``mix(..., reuse_y=True)`` accumulates into y when autograd does not record (as timm's blocks add their
+    shortcut into the branch output); it never writes into y when autograd records, or when not asked to."""
+    gen = torch.Generator().manual_seed(0)
+    y, a1, a2 = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    v, w = torch.rand(2, 4, generator=gen), torch.softmax(torch.randn(2, 2, 4, generator=gen), 1)
+    want = reference_mix(y, v, w, [a1, a2])
+    with torch.no_grad():
+        kept = y.clone()
+        assert torch.allclose(DenseGate.mix(kept, v, w, [a1, a2]), want, **TOL) and torch.equal(kept, y)
+        reused = y.clone()
+        out = DenseGate.mix(reused, v, w, [a1, a2], reuse_y=True)
+        assert out.data_ptr() == reused.data_ptr() and torch.allclose(out, want, **TOL)
+    y_grad = y.clone().requires_grad_()
+    out = DenseGate.mix(y_grad, v, w, [a1, a2], reuse_y=True)
+    assert out.data_ptr() != y_grad.data_ptr() and torch.equal(y_grad.detach(), y)
 
 
 def test_partial_gradients():
@@ -379,3 +434,20 @@ def test_torch_compile_trains_like_eager():
     torch.testing.assert_close(out, ref_out, **TOL)
     torch.testing.assert_close(x_grad, ref_x_grad, **TOL)
     _assert_grads_close(model, twin)
+
+
+@pytest.mark.parametrize('inspect', [False, True], ids=['fused', 'modules'])
+def test_training_after_inference_mode(inspect):
+    """The padding mask that a gate caches is made outside inference mode: a model first run under
+    torch.inference_mode then trains, with the fused gate and with the modules (hooked) alike."""
+    model = timm.create_model('denseresnet110_n2', num_classes=4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        model.eval()(x)
+    masked = [b.gate.weights for b in model._blocks() if b.gate.weights.needs_mask]
+    assert masked and all(w._mask is not None and not w._mask.is_inference() for w in masked)
+    if inspect:
+        for w in masked:
+            w.register_forward_hook(lambda *_: None)
+    model.train()(x).sum().backward()
+    assert all(b.gate.fc2.weight.grad is not None for b in model._blocks())

@@ -28,6 +28,7 @@ from huggingface_hub import ModelCard
 from timm.models import get_pretrained_cfg, save_for_hf
 
 import timm_denseres  # noqa: F401  registers the models
+from helpers import randomize_norms
 from timm_denseres import pretrained as P
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,21 +50,9 @@ TOL = 1e-4  # the issue's bound on warm-start logits
 # helpers
 
 
-def _randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
 def _random_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomize_norms(timm.create_model(name, **kwargs), seed + 1)
+    return randomize_norms(timm.create_model(name, **kwargs), seed + 1)
 
 
 def _input(shape, seed: int = 0) -> torch.Tensor:

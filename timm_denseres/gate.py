@@ -36,6 +36,14 @@ def _is_compiling() -> bool:
     return is_compiling is not None and is_compiling()
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, which takes no argument before torch 2.4."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+
+
 def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool2d(x, 2, 2, ceil_mode=True)``. In eager mode on CPU, for even H and W, it runs as a depthwise
     convolution with weights 1/4 instead: the same numbers (a power-of-two weight scales exactly), two to four times
@@ -87,13 +95,20 @@ def _common_dtype(tensors: List[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def weighted_sum(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
+def weighted_sum(
+        y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor], inplace: bool = False,
+) -> torch.Tensor:
     """``v * y + sum_k w[:, k] * a_k`` with v (B, C) and w (B, n, C) broadcast over H, W, accumulated in place into
-    one new tensor: out-of-place ops would allocate (and fill) one full-size temporary per inbound. One multiply
-    per element for v, one multiply-add per element per inbound. Autograd can differentiate it as it is."""
+    one tensor: out-of-place ops would allocate (and fill) one full-size temporary per inbound. One multiply
+    per element for v, one multiply-add per element per inbound. Autograd can differentiate it as it is.
+
+    ``inplace``: accumulate into ``y`` itself (when the dtypes allow it), as timm's residual blocks add their
+    shortcut into the branch output; only for a ``y`` that nothing else reads afterwards and autograd does not
+    record. It saves a full-size allocation, which on CPU costs more than the arithmetic (page faults)."""
     batch, channels = v.shape[0], v.shape[1]
     dtype = _common_dtype([y, v, w] + inbounds)
-    out = torch.mul(y, v.to(dtype).view(batch, channels, 1, 1))
+    scale = v.to(dtype).view(batch, channels, 1, 1)
+    out = y.mul_(scale) if inplace and y.dtype == dtype else torch.mul(y, scale)
     w_k = w.view(batch, w.shape[1], channels, 1, 1).unbind(1)
     for k, a in enumerate(inbounds):
         out = out.addcmul_(a, w_k[k])  # reassigned: a tracer that drops unused results must keep it
@@ -175,6 +190,74 @@ torch.fx.wrap('weighted_sum_lean_backward')  # a leaf for torch.fx, so traced mo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the gate's small layers as one autograd node
+
+
+def _gate_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Tensor], use_batch_stats: bool):
+    """pool(y), cat, fc1, BatchNorm, ReLU, fc2, then (v, w): the operations of the gate's modules, called
+    directly. Returns (v, w) and what the backward needs."""
+    channels, n = gate.channels, gate.num_inbounds
+    g = torch.cat([global_avg_pool(y)] + pooled, dim=1)
+    w1 = gate.fc1.weight.flatten(1)
+    h = torch.mm(g, w1.t())
+    bn = gate.bn
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    h_norm, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        h, bn.weight, bn.bias, bn.running_mean, bn.running_var, use_batch_stats, momentum, bn.eps)
+    r = torch.relu_(h_norm)
+    w2 = gate.fc2.weight.flatten(1)
+    logits = torch.addmm(gate.fc2.bias, r, w2.t())
+    v = torch.sigmoid(logits[:, :channels])
+    w_logits = logits[:, channels:].view(-1, n, channels)
+    mask = gate.weights.padding_mask(logits.device)
+    if mask is not None:
+        w_logits = w_logits.masked_fill(mask, float('-inf'))
+    w = torch.softmax(w_logits, dim=1)
+    return v, w, (g, w1, h, r, w2, save_mean, save_invstd)
+
+
+class _GateHeadFn(torch.autograd.Function):
+    """The whole gate from y and the inbounds' pooled vectors to (v, w) as one autograd node with a hand-written
+    backward. The gate works on (B, C) vectors, so its cost is the number of operations, not their size: as
+    modules it makes about twenty autograd nodes per block, each with its own dispatch and bookkeeping."""
+
+    @staticmethod
+    def forward(ctx, gate: 'DenseGate', use_batch_stats: bool, y: torch.Tensor, *rest: torch.Tensor):
+        pooled = list(rest[:gate.num_inbounds])
+        v, w, saved = _gate_head_forward(gate, y, pooled, use_batch_stats)
+        ctx.gate, ctx.use_batch_stats, ctx.y_shape = gate, use_batch_stats, y.shape
+        ctx.save_for_backward(v, w, *saved)
+        return v, w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]):
+        gate = ctx.gate
+        bn = gate.bn
+        v, w, g, w1, h, r, w2, save_mean, save_invstd = ctx.saved_tensors
+        batch = v.shape[0]
+        grad_v = torch.zeros_like(v) if grad_v is None else grad_v
+        grad_w = torch.zeros_like(w) if grad_w is None else grad_w
+        grad_logits = torch.cat([
+            torch.ops.aten.sigmoid_backward(grad_v, v),
+            torch.ops.aten._softmax_backward_data(grad_w, w, 1, w.dtype).reshape(batch, -1)], dim=1)
+        grad_w2 = torch.mm(grad_logits.t(), r)
+        grad_b2 = grad_logits.sum(0)
+        grad_r = torch.ops.aten.threshold_backward(torch.mm(grad_logits, w2), r, 0)
+        grad_h, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
+            grad_r, h, bn.weight, bn.running_mean, bn.running_var, save_mean, save_invstd, ctx.use_batch_stats,
+            bn.eps, [True, True, True])
+        grad_w1 = torch.mm(grad_h.t(), g)
+        grad_g = torch.mm(grad_h, w1)
+        y_shape = ctx.y_shape
+        # the mean's gradient is the (B, C) gradient broadcast over H, W (a view, as global_avg_pool's)
+        grad_y = (grad_g[:, :gate.channels] / (y_shape[2] * y_shape[3])).view(batch, -1, 1, 1).expand(y_shape)
+        grad_pooled = grad_g[:, gate.channels:].split(gate.channels, dim=1)
+        params = (grad_w1.view_as(gate.fc1.weight), grad_bn_w, grad_bn_b, grad_w2.view_as(gate.fc2.weight), grad_b2)
+        return None, None, grad_y, *grad_pooled, *params
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the gate's layers
 
 
@@ -198,10 +281,16 @@ class GateBatchNorm(nn.BatchNorm2d):
     statistics are not updated.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_batch_stats = self.training and x.numel() > x.shape[1]  # more than one value per channel
+    def use_batch_stats(self, batch_size: int) -> bool:
+        """Whether a batch is normalised with its own statistics (training, more than one sample: the gate's
+        inputs are pooled, one value per channel and sample); if so, counts the batch as BatchNorm does."""
+        use_batch_stats = self.training and batch_size > 1
         if use_batch_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
+        return use_batch_stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.use_batch_stats(x.shape[0])
         momentum = 0.0 if self.momentum is None else self.momentum
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps)
@@ -221,16 +310,38 @@ class GateWeights(nn.Module):
         self.num_inbounds = len(valid_channels)
         self.valid_channels = valid_channels  # per inbound, how many leading channels are real
         self.needs_mask = any(c < channels for c in valid_channels)
+        self._mask: Optional[torch.Tensor] = None  # a cache, not state: no buffer in the state dict
+
+    def padding_mask(self, device: torch.device) -> Optional[torch.Tensor]:
+        """(n, C) True where an inbound's channel is zero padding; None if there is none. In eager mode it is built
+        once per device (outside inference mode, so that training can save it for backward)."""
+        if not self.needs_mask:
+            return None
+        if torch.jit.is_scripting():
+            return self._build_mask(device)
+        else:
+            if _is_compiling() or isinstance(device, torch.fx.Proxy):  # traced: the mask is built in the graph
+                return self._build_mask(device)
+            mask = self._mask
+            if mask is None or mask.device != device:
+                with torch.inference_mode(False):
+                    mask = self._build_mask(device)
+                self._mask = mask
+            return mask
+
+    def _build_mask(self, device: torch.device) -> torch.Tensor:
+        chan = torch.arange(self.channels, device=device)
+        valid = torch.tensor(self.valid_channels, device=device)
+        return chan >= valid.unsqueeze(1)
 
     def forward(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """logits: (B, (n + 1) * C), the C logits of v first. Returns v (B, C) and w (B, n, C)."""
         v_logits, w_logits = logits.split([self.channels, self.num_inbounds * self.channels], dim=1)
         v = torch.sigmoid(v_logits)
         w_logits = w_logits.view(-1, self.num_inbounds, self.channels)
-        if self.needs_mask:
-            chan = torch.arange(self.channels, device=logits.device)
-            valid = torch.tensor(self.valid_channels, device=logits.device)
-            w_logits = w_logits.masked_fill(chan >= valid.unsqueeze(1), float('-inf'))  # (n, C) broadcast
+        mask = self.padding_mask(logits.device)
+        if mask is not None:
+            w_logits = w_logits.masked_fill(mask, float('-inf'))  # (n, C) broadcast
         w = torch.softmax(w_logits, dim=1)
         return v, w
 
@@ -271,26 +382,57 @@ class DenseGate(nn.Module):
 
     def compute_weights(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns ``v`` of shape (B, C) and ``w`` of shape (B, n, C)."""
-        pooled = [global_avg_pool(y)]
-        for a in inbounds:
-            pooled.append(global_avg_pool(a))
-        return self.weights_from_pooled(pooled)
+        return self.weights_for(y, [global_avg_pool(a) for a in inbounds])
 
-    def weights_from_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`compute_weights` from the :func:`global_avg_pool` (B, C) of y and of each inbound.
+    def weights_for(self, y: torch.Tensor, inbounds_pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compute_weights` from y and the :func:`global_avg_pool` (B, C) of each inbound.
 
         For callers that keep the pooled vector of each block output with the output: every output is then pooled
-        once, not once by each of the N blocks that mix it.
+        once, not once by each of the N blocks that mix it. In eager mode the gate's small layers run as one
+        autograd node (:class:`_GateHeadFn`), unless something expects the modules themselves: a hook on them,
+        autocast, a tracer or the compiler.
         """
+        if torch.jit.is_scripting():
+            return self.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
+        else:
+            if not self._fused_head_ok(y, inbounds_pooled):
+                return self.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
+            use_batch_stats = self.bn.use_batch_stats(y.shape[0])
+            if not torch.is_grad_enabled():
+                v, w, _ = _gate_head_forward(self, y, inbounds_pooled, use_batch_stats)
+                return v, w
+            return _GateHeadFn.apply(
+                self, use_batch_stats, y, *inbounds_pooled,
+                self.fc1.weight, self.bn.weight, self.bn.bias, self.fc2.weight, self.fc2.bias)
+
+    @torch.jit.ignore
+    def _fused_head_ok(self, y: torch.Tensor, inbounds_pooled: List[torch.Tensor]) -> bool:
+        modules = (self.fc1, self.bn, self.act, self.fc2, self.weights)
+        dtype = self.fc1.weight.dtype
+        return (
+            not _is_compiling() and not isinstance(y, torch.fx.Proxy)
+            and y.device.type in ('cpu', 'cuda') and not _autocast_enabled(y.device.type)
+            and type(self.act) is nn.ReLU and self.fc1.bias is None and self.bn.running_mean is not None
+            and self.bn.weight is not None
+            and y.dtype == dtype and all(p.dtype == dtype for p in inbounds_pooled)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+
+    def weights_from_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(v, w) through the gate's modules, from the :func:`global_avg_pool` (B, C) of y and of each inbound."""
         g = torch.cat(pooled, dim=1)
         return self.weights(self.fc2(self.act(self.bn(self.fc1(g)))))
 
     @staticmethod
-    def mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
+    def mix(
+            y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor], reuse_y: bool = False,
+    ) -> torch.Tensor:
         """``v * y + sum_k w_k * a_k``, with v (B, C) and w (B, n, C) broadcast over H, W.
 
         Under torch.compile it is the plain formula, which the compiler fuses into one pass; in eager mode it
         accumulates in place (:func:`weighted_sum`) with a leaner backward (:class:`_WeightedSumFn`).
+        ``reuse_y``: the caller's ``y`` is a temporary that nothing reads afterwards; when autograd does not
+        record (inference), the sum is accumulated into it instead of a new tensor.
         """
         if torch.jit.is_scripting():
             return weighted_sum(y, v, w, inbounds)
@@ -300,6 +442,8 @@ class DenseGate(nn.Module):
                 for k, a in enumerate(inbounds):
                     out = out + a * w[:, k, :, None, None]
                 return out
+            if reuse_y and not torch.is_grad_enabled() and not isinstance(y, torch.fx.Proxy):
+                return weighted_sum(y, v, w, inbounds, inplace=True)
             return weighted_sum_lean_backward(y, v, w, inbounds)
 
     def forward(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ stem output is cut to 16 channels by block 1 and later blocks see it zero-padded
 from the stem output directly: that would give x_0 channels that the shortcuts do not carry and break the
 identity path.)
 """
+import re
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -51,7 +52,8 @@ class DenseMobileBlock:
 
     Attributes set by :func:`make_dense_block` and the model (not annotated here: TorchScript reads class
     annotations as attribute types and has none for a module): ``gate``, ``in_chs``, ``out_chs``, ``pool``
-    (the block strides), ``changes_shape``, ``history_len`` (N) and ``num_inbounds`` (min(N, i)).
+    (the block strides), ``changes_shape``, ``history_len`` (N), ``num_inbounds`` (min(N, i)) and the module
+    ``mix_out`` (an identity on the block's output, for forward hooks).
     """
 
     def forward(self, history: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -65,7 +67,7 @@ class DenseMobileBlock:
             inbounds.append(history[-k])
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
         v, w = self.gate.compute_weights(y, inbounds)
-        out = self.gate.mix(self.drop_path(y), v, w, inbounds)
+        out = self.mix_out(self.gate.mix(self.drop_path(y), v, w, inbounds, reuse_y=True))
         # a new list: the caller's history must stay intact (activation checkpointing re-runs this block)
         return (history + [out])[-self.history_len:]
 
@@ -124,6 +126,9 @@ def make_dense_block(block: nn.Module) -> nn.Module:
         block.in_chs, block.out_chs = block.conv_dw.in_channels, block.conv_pw.out_channels
     block.pool = block.conv_dw.stride[0] > 1
     block.changes_shape = block.pool or block.in_chs != block.out_chs
+    # the block returns the history list; this module's output is the block's own output, the point that
+    # timm's forward-hook feature extraction (features_only with feature_cls='hook') needs to name
+    block.mix_out = nn.Identity()
     return block
 
 
@@ -175,6 +180,11 @@ class DenseMobileNetV2(EfficientNet):
         self.dense_n = dense_n
         # same names (blocks.S.B); the stages now pass the history list from block to block
         self.blocks = nn.Sequential(*[DenseStage(*[make_dense_block(b) for b in stage]) for stage in self.blocks])
+        for info in self.feature_info:  # a stage outputs the history list; name its last block's output instead
+            stage_name = re.fullmatch(r'blocks\.(\d+)', info['module'])
+            if stage_name:
+                last_block = len(self.blocks[int(stage_name.group(1))]) - 1
+                info['module'] = f'{info["module"]}.{last_block}.mix_out'
         self._attach_gates(self.bn1.num_features, gate_reduction, device=device, dtype=dtype)
 
     def _dense_blocks(self) -> List[DenseMobileBlock]:
@@ -226,16 +236,8 @@ class DenseMobileNetV2(EfficientNet):
             extra_blocks: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward that also returns the feature_info features (timm's intermediates API, as EfficientNet's).
-
-        Args:
-            x: input images.
-            indices: take the last n features if an int, all if None, or the listed ones.
-            norm: unused (no final norm), kept for the timm API.
-            stop_early: stop after the last wanted feature.
-            output_fmt: only 'NCHW'.
-            intermediates_only: return only the intermediates.
-            extra_blocks: index the stem and every stage output instead of the feature_info features.
-        """
+        The arguments are those of :meth:`timm_denseres.resnet.DenseResNet.forward_intermediates`, and
+        ``extra_blocks``: index the stem and every stage output instead of the feature_info features."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
         if extra_blocks:
             take_indices, max_index = feature_take_indices(len(self.blocks) + 1, indices)

@@ -106,8 +106,8 @@ class DenseBasicBlock(BasicBlock):
             inbounds.append(outputs[-k])
             inbounds_pooled.append(pooled[-k])
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
-        v, w = gate.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
-        out = self.act2(gate.mix(y_mixed, v, w, inbounds))
+        v, w = gate.weights_for(y, inbounds_pooled)
+        out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
         # new lists: the caller's history must stay intact (activation checkpointing re-runs this block)
         outputs = (outputs + [out])[-self.history_len:]
         pooled = (pooled + [global_avg_pool(out)])[-self.history_len:]
