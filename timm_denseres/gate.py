@@ -199,14 +199,14 @@ def _gate_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Te
     channels, n = gate.channels, gate.num_inbounds
     g = torch.cat([global_avg_pool(y)] + pooled, dim=1)
     w1 = gate.fc1.weight.flatten(1)
-    h = torch.mm(g, w1.t())
+    h = F.linear(g, w1)
     bn = gate.bn
     momentum = 0.0 if bn.momentum is None else bn.momentum
     h_norm, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
         h, bn.weight, bn.bias, bn.running_mean, bn.running_var, use_batch_stats, momentum, bn.eps)
     r = torch.relu_(h_norm)
     w2 = gate.fc2.weight.flatten(1)
-    logits = torch.addmm(gate.fc2.bias, r, w2.t())
+    logits = F.linear(r, w2, gate.fc2.bias)
     v = torch.sigmoid(logits[:, :channels])
     w_logits = logits[:, channels:].view(-1, n, channels)
     mask = gate.weights.padding_mask(logits.device)
@@ -407,16 +407,21 @@ class DenseGate(nn.Module):
 
     @torch.jit.ignore
     def _fused_head_ok(self, y: torch.Tensor, inbounds_pooled: List[torch.Tensor]) -> bool:
-        modules = (self.fc1, self.bn, self.act, self.fc2, self.weights)
-        dtype = self.fc1.weight.dtype
-        return (
-            not _is_compiling() and not isinstance(y, torch.fx.Proxy)
-            and y.device.type in ('cpu', 'cuda') and not _autocast_enabled(y.device.type)
-            and type(self.act) is nn.ReLU and self.fc1.bias is None and self.bn.running_mean is not None
-            and self.bn.weight is not None
-            and y.dtype == dtype and all(p.dtype == dtype for p in inbounds_pooled)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+        # runs once per block and forward: plain dict lookups, not nn.Module.__getattr__
+        if (_is_compiling() or isinstance(y, torch.fx.Proxy) or y.device.type not in ('cpu', 'cuda')
+                or _autocast_enabled(y.device.type)):
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        modules = self._modules
+        for m in modules.values():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+        fc1, bn = modules['fc1'], modules['bn']
+        weight = fc1._parameters['weight']
+        return (type(modules['act']) is nn.ReLU and fc1._parameters['bias'] is None
+                and bn._buffers['running_mean'] is not None and bn._parameters['weight'] is not None
+                and y.dtype == weight.dtype and all(p.dtype == weight.dtype for p in inbounds_pooled))
 
     def weights_from_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(v, w) through the gate's modules, from the :func:`global_avg_pool` (B, C) of y and of each inbound."""
