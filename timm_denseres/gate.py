@@ -45,15 +45,22 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
-    """``F.avg_pool2d(x, 2, 2, ceil_mode=True)``. In eager mode on CPU, for even H and W, it runs as a depthwise
-    convolution with weights 1/4 instead: the same numbers (a power-of-two weight scales exactly), two to four times
-    faster forward and backward than PyTorch's CPU average pool. A leaf for torch.fx (its test is on shapes)."""
+    """``F.avg_pool2d(x, 2, 2, ceil_mode=True)``. In eager mode on CPU, for even H and W, it runs faster than
+    PyTorch's CPU average pool: without autograd as two strided adds over contiguous row pairs, then column pairs
+    (to within 1 ulp: the four values are added in another order), and with autograd as a depthwise convolution
+    with weights 1/4 (the same numbers; two to four times faster forward and backward). A leaf for torch.fx (its
+    test is on shapes)."""
     if torch.jit.is_scripting():
         return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
     else:
         if (_is_compiling() or x.device.type != 'cpu' or not x.is_floating_point()
                 or x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1):
             return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        if x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
+            batch, channels, height, width = x.shape
+            row_pairs = x.view(batch, channels, height // 2, 2, width)
+            rows = row_pairs[:, :, :, 0] + row_pairs[:, :, :, 1]
+            return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)
         weight = x.new_full((x.shape[1], 1, 2, 2), 0.25)
         with torch.autocast('cpu', enabled=False):  # keep x's dtype, as the pool does
             return F.conv2d(x, weight, stride=2, groups=x.shape[1])
