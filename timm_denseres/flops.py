@@ -58,7 +58,9 @@ def count_macs(model: nn.Module, input_size: Sequence[int], batch_size: int = 1)
     param = next(model.parameters())
     x = torch.zeros(batch_size, *input_size, device=param.device, dtype=param.dtype)
     try:
-        with torch.no_grad(), counter:
+        # with autograd on, the forward takes the training-time ops (e.g. the history's 2x2 pool as a depthwise
+        # convolution, not the strided adds of inference), so the count does not depend on the grad mode
+        with torch.enable_grad(), counter:
             model(x)
     finally:
         model.train(was_training)
