@@ -4,11 +4,13 @@ A dense block computes ``x_i = v * y + sum_k w_k * a_k`` where ``y`` is the bloc
 shortcut and ``a_2..a_n`` earlier block outputs adjusted to ``y``'s shape. The gate is SE-like: it only looks at
 global-average-pooled vectors, so it adds few parameters and FLOPs (see ../shared/denseresnet.md).
 
-Speed (see scripts/benchmark.py): on CPU the gate is memory bound, so the eager path avoids full-size temporaries
-and passes over the feature maps: the weighted sum accumulates in place and has a hand-written backward
-(:class:`_WeightedSumFn`), pooling is a sum whose gradient is a broadcast view, the 1x1 layers run as matrix
-products, and the ceil-mode 2x2 pool of the history runs as a depthwise convolution. All of these give the numbers
-of the plain formula (tests/test_gate_fast.py). Under TorchScript and torch.compile the gate is the plain formula.
+Speed (see scripts/benchmark.py, README "Speed"): on CPU the gate is memory bound, so the eager path avoids
+full-size temporaries and passes over the feature maps: the weighted sum accumulates in place (in inference into
+the branch output) and has a hand-written backward (:class:`_WeightedSumFn`), pooling is a sum whose gradient is a
+broadcast view, the gate's small layers run as one autograd node (:class:`_GateHeadFn`), and the ceil-mode 2x2
+pool of the history runs as a depthwise convolution (strided adds in inference). All of these give the numbers
+of the plain formula to 1e-5 (tests/test_gate_fast.py). Under TorchScript and torch.compile the gate is the
+plain formula over its modules.
 """
 import math
 from typing import List, Optional, Tuple, Type
@@ -203,7 +205,6 @@ torch.fx.wrap('weighted_sum_lean_backward')  # a leaf for torch.fx, so traced mo
 def _gate_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Tensor], use_batch_stats: bool):
     """pool(y), cat, fc1, BatchNorm, ReLU, fc2, then (v, w): the operations of the gate's modules, called
     directly. Returns (v, w) and what the backward needs."""
-    channels, n = gate.channels, gate.num_inbounds
     g = torch.cat([global_avg_pool(y)] + pooled, dim=1)
     w1 = gate.fc1.weight.flatten(1)
     h = F.linear(g, w1)
@@ -214,12 +215,7 @@ def _gate_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Te
     r = torch.relu_(h_norm)
     w2 = gate.fc2.weight.flatten(1)
     logits = F.linear(r, w2, gate.fc2.bias)
-    v = torch.sigmoid(logits[:, :channels])
-    w_logits = logits[:, channels:].view(-1, n, channels)
-    mask = gate.weights.padding_mask(logits.device)
-    if mask is not None:
-        w_logits = w_logits.masked_fill(mask, float('-inf'))
-    w = torch.softmax(w_logits, dim=1)
+    v, w = gate.weights(logits)  # sigmoid and masked softmax: no hook on it, or this path is not taken
     return v, w, (g, w1, h, r, w2, save_mean, save_invstd)
 
 
