@@ -55,7 +55,7 @@ AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16
 class Subject:
     """One model under test and what was measured for it."""
     name: str
-    model: nn.Module
+    model: Optional[nn.Module] = None  # only in the worker process that runs it
     step: Dict[str, Callable[[], None]] = field(default_factory=dict)
     rates: Dict[str, List[float]] = field(default_factory=dict)  # images/s per repeat
     peak: Dict[str, float] = field(default_factory=dict)  # bytes
@@ -210,7 +210,7 @@ def benchmark_pair(names: Tuple[str, str], size: int, device: torch.device, args
     try:
         for worker in workers:
             params, macs = worker.receive()
-            subjects.append(Subject(worker.name, nn.Identity(), params=params, macs=macs))
+            subjects.append(Subject(worker.name, params=params, macs=macs))
         for mode in args.modes:
             for worker in workers:
                 worker.ask('warmup', mode)
