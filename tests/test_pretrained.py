@@ -456,30 +456,30 @@ def _folder_with_weights(published, tmp_path: Path, name: str, model: nn.Module)
     return folder
 
 
-def test_checkpoint_of_the_plain_network(published, tmp_path):
-    folder = _folder_with_weights(published, tmp_path, 'plain', timm.create_model('resnet110.fmnist'))
-    message = _error(lambda: timm.create_model(f'local-dir:{folder}', pretrained=True))
-    assert f'The weights in {folder / P.WEIGHTS_FILE} do not fit denseresnet110_n4' in message
-    assert 'keys of the model are missing from the checkpoint: layer1.0.gate.fc1.weight' in message
-    assert 'no Gate-Module weights' in message
-
-
-def test_checkpoint_of_another_n(published, tmp_path):
-    other = timm.create_model('denseresnet110_n2', num_classes=10, in_chans=1)
-    folder = _folder_with_weights(published, tmp_path, 'other_n', other)
-    message = _error(lambda: timm.create_model(f'local-dir:{folder}', pretrained=True))
+# a checkpoint of another model in the published folder: (model name, its kwargs, what the error must say)
+WRONG_CHECKPOINTS = {
+    'plain': ('resnet110.fmnist', {}, [
+        'The weights in {weights} do not fit denseresnet110_n4',
+        'keys of the model are missing from the checkpoint: layer1.0.gate.fc1.weight',
+        'no Gate-Module weights']),
     # block 3 mixes min(N, 3) inbounds: (3 + 1) * 16 gate inputs for N=4, (2 + 1) * 16 for N=2
-    assert 'layer1.2.gate.fc1.weight: checkpoint (8, 48, 1, 1), model (8, 64, 1, 1)' in message
-    assert 'Only Gate-Module widths differ: the checkpoint is for another N' in message
+    'other_n': ('denseresnet110_n2', dict(num_classes=10, in_chans=1), [
+        'layer1.2.gate.fc1.weight: checkpoint (8, 48, 1, 1), model (8, 64, 1, 1)',
+        'Only Gate-Module widths differ: the checkpoint is for another N']),
+    'classes': ('denseresnet110_n4', dict(num_classes=100, in_chans=1), [
+        'fc.weight: checkpoint (100, 64), model (10, 64)',
+        'fc.bias: checkpoint (100,), model (10,)',
+        'Its classifier has 100 classes but its config says 10']),
+}
 
 
-def test_checkpoint_with_another_class_count(published, tmp_path):
-    other = timm.create_model('denseresnet110_n4', num_classes=100, in_chans=1)
-    folder = _folder_with_weights(published, tmp_path, 'classes', other)
+@pytest.mark.parametrize('case', list(WRONG_CHECKPOINTS))
+def test_checkpoint_of_another_model(published, tmp_path, case):
+    name, kwargs, expected = WRONG_CHECKPOINTS[case]
+    folder = _folder_with_weights(published, tmp_path, case, timm.create_model(name, **kwargs))
     message = _error(lambda: timm.create_model(f'local-dir:{folder}', pretrained=True))
-    assert 'fc.weight: checkpoint (100, 64), model (10, 64)' in message
-    assert 'fc.bias: checkpoint (100,), model (10,)' in message
-    assert 'Its classifier has 100 classes but its config says 10' in message
+    for text in expected:
+        assert text.format(weights=folder / P.WEIGHTS_FILE) in message
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'header'])
