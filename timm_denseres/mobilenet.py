@@ -26,9 +26,9 @@ from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init
 from timm.models._features import feature_take_indices
 from timm.models.efficientnet import EfficientNet
 
-from .gate import DenseGate, adjust_inbound
+from .gate import DenseGate
 from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
-from .resnet import PAPER, DenseStage
+from .resnet import PAPER, DenseStage, adjust_history, join_history, split_history
 
 __all__ = ['DenseMobileNetV2', 'DenseInvertedResidual', 'DenseDepthwiseSeparableConv', 'make_dense_block']
 
@@ -57,19 +57,22 @@ class DenseMobileBlock:
     """
 
     def forward(self, history: List[torch.Tensor]) -> List[torch.Tensor]:
-        y = self.branch(history[-1])
+        # the history carries each output's pooled mean in front of the outputs, as DenseBasicBlock's does
+        outputs, pooled = split_history(history)
+        y = self.branch(outputs[-1])
         if self.changes_shape:
             # the shortcut and the earlier outputs, brought to this block's output shape, once
-            history = [adjust_inbound(h, self.in_chs, self.out_chs, self.pool) for h in history]
+            outputs, pooled = adjust_history(outputs, self.in_chs, self.out_chs, self.pool)
         # inbounds, most recent first: the shortcut (x_{i-1} adjusted), then x_{i-2}, x_{i-3}, ...
         inbounds: List[torch.Tensor] = []
+        inbounds_pooled: List[torch.Tensor] = []
         for k in range(1, self.num_inbounds + 1):
-            inbounds.append(history[-k])
+            inbounds.append(outputs[-k])
+            inbounds_pooled.append(pooled[-k])
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
-        v, w = self.gate.compute_weights(y, inbounds)
+        v, w = self.gate.weights_for(y, inbounds_pooled)
         out = self.mix_out(self.gate.mix(self.drop_path(y), v, w, inbounds, reuse_y=True))
-        # a new list: the caller's history must stay intact (activation checkpointing re-runs this block)
-        return (history + [out])[-self.history_len:]
+        return join_history(outputs, pooled, out, self.history_len)
 
 
 class DenseInvertedResidual(DenseMobileBlock, InvertedResidual):

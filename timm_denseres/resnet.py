@@ -92,13 +92,9 @@ class DenseBasicBlock(BasicBlock):
         if gate is None:
             return [self.act2(y_mixed + shortcut)]
 
-        if len(history) == 1:  # the bare [x_0]
-            outputs, pooled = history, [global_avg_pool(history[0])]
-        else:
-            outputs, pooled = history[len(history) // 2:], history[:len(history) // 2]
+        outputs, pooled = split_history(history)
         if self.changes_shape:
-            outputs = [adjust_inbound(h, self.in_chs, self.out_chs, self.pool_history) for h in outputs]
-            pooled = [global_avg_pool(h) for h in outputs]
+            outputs, pooled = adjust_history(outputs, self.in_chs, self.out_chs, self.pool_history)
         # inbounds: the shortcut replaces x_{i-1}, then x_{i-2}, x_{i-3}, ... (most recent first)
         inbounds = [shortcut]
         inbounds_pooled = [pooled[-1] if self.downsample is None else global_avg_pool(shortcut)]
@@ -108,10 +104,35 @@ class DenseBasicBlock(BasicBlock):
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
         v, w = gate.weights_for(y, inbounds_pooled)
         out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-        # new lists: the caller's history must stay intact (activation checkpointing re-runs this block)
-        outputs = (outputs + [out])[-self.history_len:]
-        pooled = (pooled + [global_avg_pool(out)])[-self.history_len:]
-        return pooled + outputs
+        return join_history(outputs, pooled, out, self.history_len)
+
+
+def split_history(history: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """A dense block's input ``[p_{i-n}, ..., p_{i-1}, x_{i-n}, ..., x_{i-1}]`` as (outputs, their pooled means).
+    The first block gets the bare ``[x_0]``, whose mean is taken here."""
+    if len(history) == 1:
+        return history, [global_avg_pool(history[0])]
+    half = len(history) // 2
+    return history[half:], history[:half]
+
+
+def adjust_history(
+        outputs: List[torch.Tensor], in_chs: int, out_chs: int, pool: bool,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The outputs brought to a block's new shape (:func:`adjust_inbound`), once, and their means."""
+    outputs = [adjust_inbound(h, in_chs, out_chs, pool) for h in outputs]
+    return outputs, [global_avg_pool(h) for h in outputs]
+
+
+def join_history(
+        outputs: List[torch.Tensor], pooled: List[torch.Tensor], out: torch.Tensor, history_len: int,
+) -> List[torch.Tensor]:
+    """The next block's input: the last ``history_len`` outputs (``out`` the latest), their means in front, so
+    that every output is pooled once. New lists: the caller's history must stay intact (activation
+    checkpointing re-runs a block)."""
+    outputs = (outputs + [out])[-history_len:]
+    pooled = (pooled + [global_avg_pool(out)])[-history_len:]
+    return pooled + outputs
 
 
 @contextmanager
