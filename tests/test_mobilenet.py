@@ -6,7 +6,7 @@ from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_denseres  # noqa: F401  registers the models
-from timm_denseres.gate import adjust_inbound
+from timm_denseres.gate import adjust_inbound, pad_channels
 from timm_denseres.gate_stats import gate_modules
 from timm_denseres.mobilenet import DenseDepthwiseSeparableConv, DenseInvertedResidual, DenseMobileBlock
 from timm_denseres.paper import PAPER_TABLE
@@ -167,7 +167,9 @@ def test_mixing_weights_sum_to_one_and_padding_is_masked():
         assert w.shape[1] == min(4, i)
         assert ((v > 0) & (v < 1)).all()
         torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]), rtol=0, atol=1e-6)
-        history = [h for h in inputs[name] if h.dim() == 4]  # the outputs; their (B, C) means ride in front
+        # the outputs (their (B, C) means ride in front); an entry narrower than the block stands for itself
+        # zero-padded
+        history = [pad_channels(h, block.in_chs) for h in inputs[name] if h.dim() == 4]
         with torch.no_grad():
             expected = v[:, :, None, None] * block.branch(history[-1])
         if block.changes_shape:

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     'DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'gate_hidden_channels', 'adjust_inbound', 'avg_pool_2x2',
-    'global_avg_pool', 'weighted_sum',
+    'global_avg_pool', 'pad_channels', 'weighted_sum',
 ]
 
 
@@ -71,17 +71,33 @@ def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap('avg_pool_2x2')
 
 
-def adjust_inbound(x: torch.Tensor, in_chs: int, channels: int, pool: bool) -> torch.Tensor:
+def adjust_inbound(x: torch.Tensor, in_chs: int, channels: int, pool: bool, pad: bool = True) -> torch.Tensor:
     """Bring an earlier block output (``in_chs`` wide) to the next stage's shape: ceil-mode 2x2 average pool,
     then zero-pad (or cut) the channels to ``channels``. Parameter free, so the identity path survives.
-    The widths are static ints so that torch.fx can trace it."""
+    The widths are static ints so that torch.fx can trace it.
+
+    ``pad=False`` leaves a narrower output narrow: its missing channels are zeros, which :func:`weighted_sum` and
+    :meth:`DenseGate.mix` skip (they add nothing), so the padding is neither written nor read."""
     if pool:
         x = avg_pool_2x2(x)
     if in_chs < channels:
-        x = F.pad(x, (0, 0, 0, 0, 0, channels - in_chs))
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, channels - in_chs))
     elif in_chs > channels:
         x = x[:, :channels]
     return x
+
+
+def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Zero-pad dim 1 of ``x`` (a (B, c) vector or a (B, c, H, W) map) to ``channels``; ``x`` itself if it is
+    that wide already."""
+    missing = channels - x.shape[1]
+    if missing <= 0:
+        return x
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, missing])
+
+
+torch.fx.wrap('pad_channels')  # its width test reads the shape; a leaf for torch.fx
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +126,8 @@ def weighted_sum(
     """``v * y + sum_k w[:, k] * a_k`` with v (B, C) and w (B, n, C) broadcast over H, W, accumulated in place into
     one tensor: out-of-place ops would allocate (and fill) one full-size temporary per inbound. One multiply
     per element for v, one multiply-add per element per inbound. Autograd can differentiate it as it is.
+    An inbound narrower than y (``c < C`` channels) stands for itself zero-padded to C: it is added into the
+    first c channels only.
 
     ``inplace``: accumulate into ``y`` itself (when the dtypes allow it), as timm's residual blocks add their
     shortcut into the branch output; only for a ``y`` that nothing else reads afterwards and autograd does not
@@ -120,7 +138,11 @@ def weighted_sum(
     out = y.mul_(scale) if inplace and y.dtype == dtype else torch.mul(y, scale)
     w_k = w.view(batch, w.shape[1], channels, 1, 1).unbind(1)
     for k, a in enumerate(inbounds):
-        out = out.addcmul_(a, w_k[k])  # reassigned: a tracer that drops unused results must keep it
+        width = a.shape[1]
+        if width < channels:  # the channels past an inbound's width are zeros: they add nothing
+            out.narrow(1, 0, width).addcmul_(a, w_k[k].narrow(1, 0, width))
+        else:
+            out = out.addcmul_(a, w_k[k])  # reassigned: a tracer that drops unused results must keep it
     return out
 
 
@@ -129,13 +151,14 @@ def _scaled_grads(
 ) -> List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
     """Gradients of ``sum_k s_k * x_k`` (each s_k (B, C) broadcast over H, W) given its gradient ``grad``:
     ``grad * s_k`` for x_k and ``sum_hw(grad * x_k)`` (B, C) for s_k, where wanted. ``pairs``: (x_k, s_k,
-    x_k needs a gradient, s_k needs one).
+    x_k needs a gradient, s_k needs one). An x_k narrower than ``grad`` (c channels) stands for itself
+    zero-padded: its gradient is c wide, and s_k's gradient is 0 past channel c.
 
-    Each pair takes one fused kernel: BatchNorm's backward in eval mode, with mean 0, variance 1 (eps 0: the inverse
-    std is exactly 1) and weight s_k, over the B*C (sample, channel) pairs as its channels, returns exactly
-    ``grad * s_k`` as the input gradient and ``sum(grad * x_k)`` as the weight gradient, in one pass. Elementwise
-    ops would take three passes over the maps (product, sum, product) and a temporary; they remain the fallback
-    for mixed dtypes (autocast) and channels_last maps.
+    Each full-width pair takes one fused kernel: BatchNorm's backward in eval mode, with mean 0, variance 1 (eps 0:
+    the inverse std is exactly 1) and weight s_k, over the B*C (sample, channel) pairs as its channels, returns
+    exactly ``grad * s_k`` as the input gradient and ``sum(grad * x_k)`` as the weight gradient, in one pass.
+    Elementwise ops would take three passes over the maps (product, sum, product) and a temporary; they remain
+    the fallback for mixed dtypes (autocast), channels_last maps and narrow inbounds (a strided slice of grad).
     """
     batch, channels, height, width = grad.shape
     flat = batch * channels
@@ -146,20 +169,22 @@ def _scaled_grads(
     out: List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = []
     for x, scale, need_x, need_scale in pairs:
         grad_x = grad_scale = None
-        if fused and x.is_contiguous() and grad.dtype == x.dtype == scale.dtype:
+        x_chs = x.shape[1]
+        if x_chs == channels and fused and x.is_contiguous() and grad.dtype == x.dtype == scale.dtype:
             grad_x, grad_scale, _ = torch.ops.aten.native_batch_norm_backward(
                 grad_flat, x.view(1, flat, height, width), scale.reshape(flat), mean, var, None, None, False, 0.0,
                 [need_x, need_scale, False])
             grad_x = grad_x.view(x.shape) if need_x else None
             grad_scale = grad_scale.view(batch, channels) if need_scale else None
         else:
+            grad_part, scale = grad.narrow(1, 0, x_chs), scale.narrow(1, 0, x_chs)
             buf = None
             if need_scale:  # the product for the sum goes into the buffer that then takes x's gradient
-                buf = torch.mul(grad, x)
-                grad_scale = buf.sum((2, 3))
+                buf = torch.mul(grad_part, x)
+                grad_scale = pad_channels(buf.sum((2, 3)), channels)
             if need_x:
-                scale = scale.view(batch, channels, 1, 1)
-                grad_x = torch.mul(grad, scale) if buf is None else torch.mul(grad, scale, out=buf)
+                scale = scale.reshape(batch, x_chs, 1, 1)
+                grad_x = torch.mul(grad_part, scale) if buf is None else torch.mul(grad_part, scale, out=buf)
         out.append((grad_x, grad_scale))
     return out
 
@@ -385,7 +410,7 @@ class DenseGate(nn.Module):
 
     def compute_weights(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns ``v`` of shape (B, C) and ``w`` of shape (B, n, C)."""
-        return self.weights_for(y, [global_avg_pool(a) for a in inbounds])
+        return self.weights_for(y, [pad_channels(global_avg_pool(a), self.channels) for a in inbounds])
 
     def weights_for(self, y: torch.Tensor, inbounds_pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compute_weights` from y and the :func:`global_avg_pool` (B, C) of each inbound.
@@ -435,7 +460,8 @@ class DenseGate(nn.Module):
     def mix(
             y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor], reuse_y: bool = False,
     ) -> torch.Tensor:
-        """``v * y + sum_k w_k * a_k``, with v (B, C) and w (B, n, C) broadcast over H, W.
+        """``v * y + sum_k w_k * a_k``, with v (B, C) and w (B, n, C) broadcast over H, W. An inbound narrower
+        than y stands for itself zero-padded (:func:`adjust_inbound` with ``pad=False``).
 
         Under torch.compile it is the plain formula, which the compiler fuses into one pass; in eager mode it
         accumulates in place (:func:`weighted_sum`) with a leaner backward (:class:`_WeightedSumFn`).
@@ -448,7 +474,7 @@ class DenseGate(nn.Module):
             if _is_compiling():
                 out = y * v[:, :, None, None]
                 for k, a in enumerate(inbounds):
-                    out = out + a * w[:, k, :, None, None]
+                    out = out + pad_channels(a, y.shape[1]) * w[:, k, :, None, None]
                 return out
             if reuse_y and not torch.is_grad_enabled() and not isinstance(y, torch.fx.Proxy):
                 return weighted_sum(y, v, w, inbounds, inplace=True)

@@ -8,7 +8,8 @@ its branch with the shortcut and the previous N-1 block outputs, with no activat
 
 Block i maps the history ``[x_{i-n}, ..., x_{i-1}]`` (x_0 the stem output) to ``[..., x_i]``. Where a block
 changes the shape, the whole history is brought to the new shape once (pool, pad/cut), so every entry carries the
-same parameter-free image of x_0 and the identity path of the paper (eq. 2-5) holds exactly. (So the 32-channel
+same parameter-free image of x_0 and the identity path of the paper (eq. 2-5) holds exactly (the zero padding
+stays implied: a narrower entry stays narrow, and the weighted sum skips its zero channels). (So the 32-channel
 stem output is cut to 16 channels by block 1 and later blocks see it zero-padded from there, rather than cut
 from the stem output directly: that would give x_0 channels that the shortcuts do not carry and break the
 identity path.)

@@ -5,7 +5,8 @@ Gate-Module added, so a timm ``resnet34`` state dict fills every shared weight o
 
 Block i mixes its branch with the previous N block outputs (numbered across the whole network):
 ``x_i = act(v * f_i(x_{i-1}) + sum_k w_ik * a_k)``. Outputs of an earlier stage are brought to the current
-stage's shape once per forward (ceil-mode 2x2 avg-pool + zero channel pad) and reused by every later block.
+stage's shape once per forward (ceil-mode 2x2 avg-pool + zero channel pad) and reused by every later block;
+the padding stays implied (a narrower output stays narrow, and the weighted sum skips the zero channels).
 """
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -21,7 +22,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, make_blocks
 from torch.utils.checkpoint import checkpoint
 
-from .gate import DenseGate, adjust_inbound, global_avg_pool
+from .gate import DenseGate, adjust_inbound, global_avg_pool, pad_channels
 from .pretrained import FASHION_MNIST, build_model_with_pretrained, hub_cfgs, untagged_default, warm_start_cfgs
 
 __all__ = ['DenseResNet', 'DenseBasicBlock']
@@ -119,9 +120,14 @@ def split_history(history: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List
 def adjust_history(
         outputs: List[torch.Tensor], in_chs: int, out_chs: int, pool: bool,
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """The outputs brought to a block's new shape (:func:`adjust_inbound`), once, and their means."""
-    outputs = [adjust_inbound(h, in_chs, out_chs, pool) for h in outputs]
-    return outputs, [global_avg_pool(h) for h in outputs]
+    """The outputs brought to a block's new shape (:func:`adjust_inbound`), once, and their means. Outputs
+    narrower than the block stay narrow (their zero padding is implied: the mix skips it); their means are
+    padded, since the gate reads all channels."""
+    outputs = [adjust_inbound(h, in_chs, out_chs, pool, pad=False) for h in outputs]
+    return outputs, [pad_channels(global_avg_pool(h), out_chs) for h in outputs]
+
+
+torch.fx.wrap('pad_channels')  # reads the width of its input; a leaf for torch.fx
 
 
 def join_history(
