@@ -549,8 +549,8 @@ def test_fx_feature_extraction(name):
     for graph in (fx_model.eval_graph, fx_model.train_graph):
         assert convs <= {n.target for n in graph.nodes if n.op == 'call_module'}
         assert list(graph.nodes)[-2].target == classifier  # the node just before the output
-    with torch.no_grad():
-        _close(fx_model(x)[classifier], ref, rtol=0, atol=0)
+    with torch.no_grad():  # eager inference folds each gate's BatchNorm into fc1; the graph calls the modules
+        _close(fx_model(x)[classifier], ref, rtol=1e-5, atol=1e-6)
 
     twin = copy.deepcopy(model).train()
     fx_model.train()

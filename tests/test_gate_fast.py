@@ -244,8 +244,47 @@ def test_fused_gate_head_equals_the_modules_exactly(training, batch, valid):
         assert torch.equal(p.grad, q.grad), name
     for (name, b), c in zip(fused.named_buffers(), modules.buffers()):
         assert torch.equal(b, c), name
-    with torch.no_grad():  # inference: the same operations without autograd
-        assert all(torch.equal(a, b) for a, b in zip(fused.weights_for(y, pooled), modules.weights_for(y2, pooled2)))
+    with torch.no_grad():  # without autograd: the same operations; in eval mode the BatchNorm folded into fc1
+        for a, b in zip(fused.weights_for(y, pooled), modules.weights_for(y2, pooled2)):
+            if training:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_folded_eval_head_follows_every_change_of_the_gate():
+    """The inference head folds the BatchNorm into fc1 once and keeps it: it must be made again after an in-place
+    change (an optimizer step, load_state_dict), a replaced parameter or a dtype change, and it must match the
+    modules' result each time."""
+    gate = _make_gate(16, [16, 8, 16], 2, seed=3).eval()
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(4, 16, 5, 5, generator=gen)
+    pooled = [torch.randn(4, 16, generator=gen) for _ in range(3)]
+
+    def check(dtype=torch.float32):
+        hooked = copy.deepcopy(gate)
+        hooked.weights.register_forward_hook(lambda *_: None)  # the modules' path
+        with torch.inference_mode():
+            got = gate.weights_for(y.to(dtype), [p.to(dtype) for p in pooled])
+            want = hooked.weights_for(y.to(dtype), [p.to(dtype) for p in pooled])
+        for a, b in zip(got, want):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert (got[1][:, 1, 8:] == 0).all()  # the padding mask, folded into fc2's bias
+        return got
+
+    first = check()
+    with torch.no_grad():
+        gate.bn.running_var.mul_(3.0)  # in place, as a BatchNorm update or load_state_dict writes it
+    second = check()
+    assert not torch.allclose(first[0], second[0])
+    gate.load_state_dict({k: v + 0.1 for k, v in gate.state_dict().items()})
+    third = check()
+    assert not torch.allclose(second[0], third[0])
+    gate.fc2.bias = nn.Parameter(torch.zeros_like(gate.fc2.bias))  # replaced
+    check()
+    gate.double()
+    check(torch.float64)
 
 
 def test_inference_mix_reuses_only_a_temporary_branch_output():

@@ -196,7 +196,8 @@ def test_scripted_traced_and_checkpointed_forward_match_eager():
         train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
         fx = create_feature_extractor(
             model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:], tracer_kwargs=tracer_kwargs)
-        assert torch.equal(next(iter(fx(x).values())), ref)
+        # eager inference folds each gate's BatchNorm into fc1; the traced graph calls the modules
+        torch.testing.assert_close(next(iter(fx(x).values())), ref, rtol=1e-5, atol=1e-6)
         final, _ = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
 

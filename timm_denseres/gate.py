@@ -7,7 +7,8 @@ global-average-pooled vectors, so it adds few parameters and FLOPs (see ../share
 Speed (see scripts/benchmark.py, README "Speed"): on CPU the gate is memory bound, so the eager path avoids
 full-size temporaries and passes over the feature maps: the weighted sum accumulates in place (in inference into
 the branch output) and has a hand-written backward (:class:`_WeightedSumFn`), pooling is a sum whose gradient is a
-broadcast view, the gate's small layers run as one autograd node (:class:`_GateHeadFn`), and the ceil-mode 2x2
+broadcast view, the gate's small layers run as one autograd node (:class:`_GateHeadFn`; in inference as two
+matrix products with the BatchNorm folded in, :func:`_eval_head_forward`), and the ceil-mode 2x2
 pool of the history runs as a depthwise convolution (strided adds in inference). All of these give the numbers
 of the plain formula to 1e-5 (tests/test_gate_fast.py). Under TorchScript and torch.compile the gate is the
 plain formula over its modules.
@@ -103,7 +104,10 @@ torch.fx.wrap('pad_channels')  # its width test reads the shape; a leaf for torc
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C) means, as a sum then a division: the same numbers as ``x.mean((2, 3))``, but the
     gradient is the (B, C) gradient *expanded* (a view), which autograd adds in place into the full-size gradient
-    that x gets from the weighted sum. ``mean``'s backward would fill a new full-size tensor."""
+    that x gets from the weighted sum. ``mean``'s backward would fill a new full-size tensor. Without autograd it
+    is ``mean`` itself (one operation)."""
+    if not torch.is_grad_enabled():
+        return x.mean((2, 3))
     return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
 
 
@@ -285,6 +289,60 @@ class _GateHeadFn(torch.autograd.Function):
         return None, None, grad_y, *grad_pooled, *params
 
 
+def _fold_eval_head(gate: 'DenseGate') -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's layers for inference as two matrix products: the eval-mode BatchNorm folded into fc1
+    (``h = g @ w1 + b1``), fc2 transposed, and the padding mask as -inf in fc2's bias (softmax gives those
+    logits weight 0, exactly as the mask does)."""
+    bn = gate.bn
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w1 = (gate.fc1.weight.flatten(1) * scale[:, None]).t().contiguous()
+    b1 = bn.bias - bn.running_mean * scale
+    w2 = gate.fc2.weight.flatten(1).t().contiguous()
+    b2 = gate.fc2.bias.clone()
+    mask = gate.weights.padding_mask(b2.device)
+    if mask is not None:
+        b2[gate.channels:].view_as(mask).masked_fill_(mask, float('-inf'))
+    return w1, b1, w2, b2
+
+
+class _EvalHeadCache:
+    """:func:`_fold_eval_head`'s result, made again whenever a tensor it was made from changes: replaced
+    (another object or storage, as after ``.to()``) or written in place (its version counter, as after
+    ``load_state_dict`` or an optimizer step). It holds those tensors, so their memory is not reused meanwhile."""
+
+    def __init__(self):
+        self.sources: Tuple[torch.Tensor, ...] = ()
+        self.stamp: List[Tuple[int, int]] = []
+        self.folded: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def get(self, gate: 'DenseGate') -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # runs once per block and forward: plain dict lookups, not nn.Module.__getattr__
+        modules = gate._modules
+        fc1, bn, fc2 = modules['fc1']._parameters, modules['bn'], modules['fc2']._parameters
+        sources = (fc1['weight'], bn._parameters['weight'], bn._parameters['bias'], bn._buffers['running_mean'],
+                   bn._buffers['running_var'], fc2['weight'], fc2['bias'])
+        stamp = [(t._version, t.data_ptr()) for t in sources]
+        if (self.folded is None or stamp != self.stamp
+                or any(a is not b for a, b in zip(sources, self.sources))):
+            with torch.inference_mode(False), torch.no_grad():  # usable in inference mode and out of it
+                self.folded = _fold_eval_head(gate)
+            self.sources, self.stamp = sources, stamp
+        return self.folded
+
+
+def _eval_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Tensor]):
+    """(v, w) in inference (eval mode, no autograd): pool y, concat, two matrix products with the folded
+    parameters, sigmoid / softmax. Six operations instead of ten: after a block's convolutions each small
+    operation costs tens of microseconds (cold caches), more than its arithmetic."""
+    w1, b1, w2, b2 = gate._eval_head.get(gate)
+    g = torch.cat([y.mean((2, 3))] + pooled, dim=1)
+    logits = torch.addmm(b2, torch.addmm(b1, g, w1).relu_(), w2)
+    channels = gate.channels
+    v = torch.sigmoid(logits[:, :channels])
+    w = torch.softmax(logits[:, channels:].view(-1, gate.num_inbounds, channels), dim=1)
+    return v, w
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the gate's layers
 
@@ -407,6 +465,7 @@ class DenseGate(nn.Module):
         self.act = act_layer(inplace=True)
         self.fc2 = GateConv(hidden, width, 1, bias=True, **dd)
         self.weights = GateWeights(channels, valid_channels)
+        self._eval_head = _EvalHeadCache()  # a cache, not state: no buffer in the state dict
 
     def compute_weights(self, y: torch.Tensor, inbounds: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns ``v`` of shape (B, C) and ``w`` of shape (B, n, C)."""
@@ -417,14 +476,17 @@ class DenseGate(nn.Module):
 
         For callers that keep the pooled vector of each block output with the output: every output is then pooled
         once, not once by each of the N blocks that mix it. In eager mode the gate's small layers run as one
-        autograd node (:class:`_GateHeadFn`), unless something expects the modules themselves: a hook on them,
-        autocast, a tracer or the compiler.
+        autograd node (:class:`_GateHeadFn`), and in inference (eval mode, no autograd) as two matrix products
+        with the BatchNorm folded in (:func:`_eval_head_forward`), unless something expects the modules
+        themselves: a hook on them, autocast, a tracer or the compiler.
         """
         if torch.jit.is_scripting():
             return self.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
         else:
             if not self._fused_head_ok(y, inbounds_pooled):
                 return self.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
+            if not torch.is_grad_enabled() and not self._modules['bn'].training:
+                return _eval_head_forward(self, y, inbounds_pooled)
             use_batch_stats = self.bn.use_batch_stats(y.shape[0])
             if not torch.is_grad_enabled():
                 v, w, _ = _gate_head_forward(self, y, inbounds_pooled, use_batch_stats)
@@ -436,8 +498,9 @@ class DenseGate(nn.Module):
     @torch.jit.ignore
     def _fused_head_ok(self, y: torch.Tensor, inbounds_pooled: List[torch.Tensor]) -> bool:
         # runs once per block and forward: plain dict lookups, not nn.Module.__getattr__
-        if (_is_compiling() or isinstance(y, torch.fx.Proxy) or y.device.type not in ('cpu', 'cuda')
-                or _autocast_enabled(y.device.type)):
+        if isinstance(y, torch.fx.Proxy) or _is_compiling() or not (y.is_cpu or y.is_cuda):
+            return False
+        if _autocast_enabled('cpu' if y.is_cpu else 'cuda'):
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
