@@ -50,3 +50,40 @@ def test_ratio_is_the_median_of_the_per_repeat_ratios():
     # a slow repeat of the model meets a slow repeat of the baseline: the per-repeat ratio stays 0.5
     assert benchmark._ratio_of_medians_per_repeat([10, 5, 10], [20, 10, 20]) == 0.5
     assert benchmark._ratio_of_medians_per_repeat([1, 2, 30], [2, 2, 3]) == 1.0
+
+
+def test_gate_costs_stand_ins_change_the_output_and_are_undone(capsys):
+    """scripts/gate_costs.py: each stand-in replaces its part of the gate (the ones that feed the output change
+    it; the pooled means only feed the gate head, which is constant by then), everything is restored afterwards,
+    and the table has a row per variant and the baseline."""
+    import torch
+
+    import gate_costs
+    import timm_denseres.resnet as dense_resnet
+    from timm_denseres.gate import DenseGate
+
+    torch.manual_seed(0)
+    model = timm.create_model('denseresnet110_n2', num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    original = DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool
+    with torch.no_grad():
+        ref = model(x)
+        outputs, replaced = [], []
+        for variant in gate_costs.VARIANTS:
+            with gate_costs.stand_ins(variant):
+                outputs.append(model(x))
+                now = DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool
+                replaced.append([a is not b for a, b in zip(now, original)])
+        assert replaced == [[False, False, False], [True, False, False], [True, False, True], [True, True, True]]
+        assert torch.equal(outputs[0], ref)
+        assert not torch.allclose(outputs[1], ref) and not torch.allclose(outputs[3], outputs[2])
+        assert torch.equal(model(x), ref)
+    assert (DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool) == original
+
+    gate_costs.main(['--model', 'denseresnet110_n2', '--img-size', '16', '--batch-size', '2', '--repeats', '1',
+                     '--min-time', '0', '--threads', '1', '--malloc', 'default'])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert [r.split('|')[1].strip() for r in rows[1:]] == gate_costs.VARIANTS + ['baseline']
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip('|').split('|')][1:]
+        assert len(cells) == 4 and all(float(c) > 0 for c in cells)
