@@ -20,11 +20,10 @@ from typing import Dict, Iterator, List
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import timm_denseres  # noqa: F401  registers the models
 import timm_denseres.resnet as dense_resnet
-from timm_denseres.gate import DenseGate
+from timm_denseres.gate import DenseGate, pad_channels
 
 from benchmark import STEADY_MALLOC_ENV  # scripts/ is on sys.path when a script in it runs
 
@@ -38,7 +37,7 @@ def _constant_weights(gate: DenseGate, y: torch.Tensor, pooled: List[torch.Tenso
 
 
 def _plain_add(y, v, w, inbounds, reuse_y=False):
-    return y + F.pad(inbounds[0], (0, 0, 0, 0, 0, y.shape[1] - inbounds[0].shape[1]))
+    return y + pad_channels(inbounds[0], y.shape[1])  # a copy only where the shortcut is narrow
 
 
 @contextmanager
