@@ -123,6 +123,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    missing = [n for n in (args.model, args.baseline) if n not in set(timm.list_models())]
+    if missing:
+        raise SystemExit(f'unknown model(s): {", ".join(missing)}')
     torch.set_num_threads(args.threads)
     print(format_table(measure(args), args))
 

@@ -80,6 +80,8 @@ def test_gate_costs_stand_ins_change_the_output_and_are_undone(capsys):
         assert torch.equal(model(x), ref)
     assert (DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool) == original
 
+    with pytest.raises(SystemExit, match='unknown model'):
+        gate_costs.main(['--model', 'denseresnet_nope', '--malloc', 'default'])
     gate_costs.main(['--model', 'denseresnet110_n2', '--img-size', '16', '--batch-size', '2', '--repeats', '1',
                      '--min-time', '0', '--threads', '1', '--malloc', 'default'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
