@@ -252,6 +252,19 @@ def test_fused_gate_head_equals_the_modules_exactly(training, batch, valid):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_model_made_in_inference_mode_runs():
+    """Parameters made in inference mode have no version counter, so the folded head is not cached for them:
+    such a model still runs, and gives the numbers of the same model made normally."""
+    torch.manual_seed(0)
+    ref_model = timm.create_model('denseresnet110_n2', num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = timm.create_model('denseresnet110_n2', num_classes=10).eval()
+        assert next(model.parameters()).is_inference()
+        torch.testing.assert_close(model(x), ref_model(x), **TOL)
+
+
 def test_folded_eval_head_follows_every_change_of_the_gate():
     """The inference head folds the BatchNorm into fc1 once and keeps it: it must be made again after an in-place
     change (an optimizer step, load_state_dict), a replaced parameter or a dtype change, and it must match the

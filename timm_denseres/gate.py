@@ -308,19 +308,22 @@ def _fold_eval_head(gate: 'DenseGate') -> Tuple[torch.Tensor, torch.Tensor, torc
 class _EvalHeadCache:
     """:func:`_fold_eval_head`'s result, made again whenever a tensor it was made from changes: replaced
     (another object or storage, as after ``.to()``) or written in place (its version counter, as after
-    ``load_state_dict`` or an optimizer step). It holds those tensors, so their memory is not reused meanwhile."""
+    ``load_state_dict`` or an optimizer step). It holds those tensors, so their memory is not reused meanwhile.
+    Tensors made in inference mode have no version counter to watch: for them there is no cache (None)."""
 
     def __init__(self):
         self.sources: Tuple[torch.Tensor, ...] = ()
         self.stamp: List[Tuple[int, int]] = []
         self.folded: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
-    def get(self, gate: 'DenseGate') -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def get(self, gate: 'DenseGate') -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         # runs once per block and forward: plain dict lookups, not nn.Module.__getattr__
         modules = gate._modules
         fc1, bn, fc2 = modules['fc1']._parameters, modules['bn'], modules['fc2']._parameters
         sources = (fc1['weight'], bn._parameters['weight'], bn._parameters['bias'], bn._buffers['running_mean'],
                    bn._buffers['running_var'], fc2['weight'], fc2['bias'])
+        if any(t.is_inference() for t in sources):
+            return None
         stamp = [(t._version, t.data_ptr()) for t in sources]
         if (self.folded is None or stamp != self.stamp
                 or any(a is not b for a, b in zip(sources, self.sources))):
@@ -330,11 +333,13 @@ class _EvalHeadCache:
         return self.folded
 
 
-def _eval_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Tensor]):
+def _eval_head_forward(
+        gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Tensor],
+        folded: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]):
     """(v, w) in inference (eval mode, no autograd): pool y, concat, two matrix products with the folded
-    parameters, sigmoid / softmax. Six operations instead of ten: after a block's convolutions each small
-    operation costs tens of microseconds (cold caches), more than its arithmetic."""
-    w1, b1, w2, b2 = gate._eval_head.get(gate)
+    parameters (:class:`_EvalHeadCache`), sigmoid / softmax. Six operations instead of ten: after a block's
+    convolutions each small operation costs tens of microseconds (cold caches), more than its arithmetic."""
+    w1, b1, w2, b2 = folded
     g = torch.cat([y.mean((2, 3))] + pooled, dim=1)
     logits = torch.addmm(b2, torch.addmm(b1, g, w1).relu_(), w2)
     channels = gate.channels
@@ -486,7 +491,9 @@ class DenseGate(nn.Module):
             if not self._fused_head_ok(y, inbounds_pooled):
                 return self.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
             if not torch.is_grad_enabled() and not self._modules['bn'].training:
-                return _eval_head_forward(self, y, inbounds_pooled)
+                folded = self._eval_head.get(self)
+                if folded is not None:
+                    return _eval_head_forward(self, y, inbounds_pooled, folded)
             use_batch_stats = self.bn.use_batch_stats(y.shape[0])
             if not torch.is_grad_enabled():
                 v, w, _ = _gate_head_forward(self, y, inbounds_pooled, use_batch_stats)
