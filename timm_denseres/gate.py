@@ -340,12 +340,9 @@ def _eval_head_forward(
     parameters (:class:`_EvalHeadCache`), sigmoid / softmax. Six operations instead of ten: after a block's
     convolutions each small operation costs tens of microseconds (cold caches), more than its arithmetic."""
     w1, b1, w2, b2 = folded
-    g = torch.cat([y.mean((2, 3))] + pooled, dim=1)
+    g = torch.cat([global_avg_pool(y)] + pooled, dim=1)
     logits = torch.addmm(b2, torch.addmm(b1, g, w1).relu_(), w2)
-    channels = gate.channels
-    v = torch.sigmoid(logits[:, :channels])
-    w = torch.softmax(logits[:, channels:].view(-1, gate.num_inbounds, channels), dim=1)
-    return v, w
+    return gate.weights.activate(logits, None)  # the padding mask is in b2 already
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,10 +424,13 @@ class GateWeights(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """logits: (B, (n + 1) * C), the C logits of v first. Returns v (B, C) and w (B, n, C)."""
+        return self.activate(logits, self.padding_mask(logits.device))
+
+    def activate(self, logits: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with the padding mask given: None where the logits carry it already (-inf)."""
         v_logits, w_logits = logits.split([self.channels, self.num_inbounds * self.channels], dim=1)
         v = torch.sigmoid(v_logits)
         w_logits = w_logits.view(-1, self.num_inbounds, self.channels)
-        mask = self.padding_mask(logits.device)
         if mask is not None:
             w_logits = w_logits.masked_fill(mask, float('-inf'))  # (n, C) broadcast
         w = torch.softmax(w_logits, dim=1)
