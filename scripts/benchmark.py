@@ -105,7 +105,15 @@ def _make_steps(subject: Subject, args, device: torch.device, size: int) -> None
         + x.numel() * x.element_size() + target.numel() * target.element_size())
 
 
-def _timed(step: Callable[[], None], device: torch.device, min_time: float, clock: Callable[[], float]) -> float:
+def require_models(names: List[str]) -> None:
+    """Exit with a one-line message if timm does not know one of ``names``."""
+    available = set(timm.list_models())
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise SystemExit(f'unknown model(s): {", ".join(missing)}')
+
+
+def timed(step: Callable[[], None], device: torch.device, min_time: float, clock: Callable[[], float]) -> float:
     """Calls/s of ``step``, run until ``clock`` has advanced ``min_time`` seconds (at least once)."""
     _sync(device)
     start = clock()
@@ -165,7 +173,7 @@ def _serve(conn, name: str, size: int, device_name: str, args) -> None:
                 subject.step[mode]()
             conn.send(None)
         elif request == 'rate':
-            conn.send(_timed(subject.step[mode], device, args.min_time, clock) * args.batch_size)
+            conn.send(timed(subject.step[mode], device, args.min_time, clock) * args.batch_size)
         elif request == 'peak':
             conn.send(_peak_bytes(subject, mode, device))
 
@@ -294,11 +302,7 @@ def main(argv=None) -> None:
         jobs = [((args.model, args.baseline), args.img_size or 224)]
     else:
         jobs = [((PAIRS[b][0], b), args.img_size or PAIRS[b][1]) for b in args.pairs]
-    available = set(timm.list_models())
-    for names, _ in jobs:
-        missing = [n for n in names if n not in available]
-        if missing:
-            raise SystemExit(f'unknown model(s): {", ".join(missing)}')
+    require_models([name for names, _ in jobs for name in names])
 
     load_before = os.getloadavg()
     start = time.time()
@@ -312,8 +316,8 @@ def main(argv=None) -> None:
 
     gpu = f', {torch.cuda.get_device_name()}' if 'cuda' in args.devices else ''
     print(f'\ntorch {torch.__version__}, timm {timm.__version__}, {args.threads} CPU threads{gpu}; batch '
-          f'{args.batch_size}, {args.repeats} interleaved repeats of >= {args.min_time:g}s ({args.timer} time), malloc {args.malloc}, channels_last '
-          f'{args.channels_last}, amp {args.amp_dtype}, compile {args.compile}; {time.time() - start:.0f}s; '
+          f'{args.batch_size}, {args.repeats} interleaved repeats of >= {args.min_time:g}s ({args.timer} time), '
+          f'malloc {args.malloc}, channels_last {args.channels_last}, amp {args.amp_dtype}, compile {args.compile}; {time.time() - start:.0f}s; '
           f'load average (1/5/15 min) before {"/".join(f"{x:.1f}" for x in load_before)}, '
           f'after {"/".join(f"{x:.1f}" for x in load_after)} on {os.cpu_count()} CPUs\n')
     print(format_table(results, args))

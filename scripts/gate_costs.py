@@ -25,7 +25,7 @@ import timm_denseres  # noqa: F401  registers the models
 import timm_denseres.resnet as dense_resnet
 from timm_denseres.gate import DenseGate, pad_channels
 
-from benchmark import STEADY_MALLOC_ENV  # scripts/ is on sys.path when a script in it runs
+from benchmark import STEADY_MALLOC_ENV, require_models, timed  # scripts/ is on sys.path when a script in it runs
 
 VARIANTS = ['full', 'constant-weights', 'no-pooling', 'plain-add']
 
@@ -68,11 +68,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
 
 def _ms_per_step(model: torch.nn.Module, x: torch.Tensor, mode: str, min_time: float) -> float:
     _step(model, x, mode)  # warm-up
-    steps, start = 0, time.perf_counter()
-    while steps == 0 or time.perf_counter() - start < min_time:
-        _step(model, x, mode)
-        steps += 1
-    return (time.perf_counter() - start) / steps * 1e3
+    return 1e3 / timed(lambda: _step(model, x, mode), x.device, min_time, time.perf_counter)
 
 
 def measure(args) -> Dict[str, Dict[str, float]]:
@@ -123,9 +119,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    missing = [n for n in (args.model, args.baseline) if n not in set(timm.list_models())]
-    if missing:
-        raise SystemExit(f'unknown model(s): {", ".join(missing)}')
+    require_models([args.model, args.baseline])
     torch.set_num_threads(args.threads)
     print(format_table(measure(args), args))
 
