@@ -8,6 +8,7 @@ import pytest
 import timm
 
 import timm_denseres  # noqa: F401  registers the models
+from timm_denseres import fused
 
 SCRIPT = Path(__file__).resolve().parent.parent / 'scripts' / 'benchmark.py'
 sys.path.insert(0, str(SCRIPT.parent))
@@ -54,8 +55,8 @@ def test_ratio_is_the_median_of_the_per_repeat_ratios():
 
 def test_gate_costs_stand_ins_change_the_output_and_are_undone(capsys):
     """scripts/gate_costs.py: each stand-in replaces its part of the gate (the ones that feed the output change
-    it; the pooled means only feed the gate head, which is constant by then), everything is restored afterwards,
-    and the table has a row per variant and the baseline."""
+    it; the pooled means only feed the gate head, which is constant by then), the fused kernel runs in ``full``
+    only, everything is restored afterwards, and the table has a row per variant, the baseline and the bound."""
     import torch
 
     import gate_costs
@@ -68,15 +69,18 @@ def test_gate_costs_stand_ins_change_the_output_and_are_undone(capsys):
     original = DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool
     with torch.no_grad():
         ref = model(x)
-        outputs, replaced = [], []
+        outputs, replaced, kernel_used = [], [], []
         for variant in gate_costs.VARIANTS:
-            with gate_costs.stand_ins(variant):
+            with gate_costs.stand_ins(variant), torch.profiler.profile() as prof:
                 outputs.append(model(x))
                 now = DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool
                 replaced.append([a is not b for a, b in zip(now, original)])
-        assert replaced == [[False, False, False], [True, False, False], [True, False, True], [True, True, True]]
+            kernel_used.append(any(e.name == 'timm_denseres::gate_mix' for e in prof.events()))
+        assert replaced == [[False] * 3, [False] * 3, [True, False, False], [True, False, True], [True, True, True]]
+        assert kernel_used == [fused.kernel_available(), False, False, False, False]
         assert torch.equal(outputs[0], ref)
-        assert not torch.allclose(outputs[1], ref) and not torch.allclose(outputs[3], outputs[2])
+        torch.testing.assert_close(outputs[1], ref, rtol=1e-5, atol=1e-5)  # the kernel's numbers, by PyTorch ops
+        assert not torch.allclose(outputs[2], ref) and not torch.allclose(outputs[4], outputs[3])
         assert torch.equal(model(x), ref)
     assert (DenseGate.weights_for, DenseGate.__dict__['mix'], dense_resnet.global_avg_pool) == original
 
@@ -85,7 +89,16 @@ def test_gate_costs_stand_ins_change_the_output_and_are_undone(capsys):
     gate_costs.main(['--model', 'denseresnet110_n2', '--img-size', '16', '--batch-size', '2', '--repeats', '1',
                      '--min-time', '0', '--threads', '1', '--malloc', 'default'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
-    assert [r.split('|')[1].strip() for r in rows[1:]] == gate_costs.VARIANTS + ['baseline']
+    names = [r.split('|')[1].strip() for r in rows[1:]]
+    assert names == gate_costs.VARIANTS + ['baseline', gate_costs.FUSED_SUM_BOUND]
+    table = {}
     for row in rows[1:]:
-        cells = [c.strip() for c in row.strip('|').split('|')][1:]
-        assert len(cells) == 4 and all(float(c) > 0 for c in cells)
+        name, *cells = [c.strip() for c in row.strip('|').split('|')]
+        assert len(cells) == 4
+        table[name] = [float(c) for c in cells]
+    for ms, ratio in ((0, 1), (2, 3)):  # infer, train: ms per step, baseline / variant
+        bound = table['pytorch-ops'][ms] - (table['no-pooling'][ms] - table['plain-add'][ms])
+        assert table[gate_costs.FUSED_SUM_BOUND][ms] == pytest.approx(bound, abs=0.2)  # three cells rounded to 0.1
+        assert table[gate_costs.FUSED_SUM_BOUND][ratio] == pytest.approx(
+            table['baseline'][ms] / table[gate_costs.FUSED_SUM_BOUND][ms], rel=0.02)
+        assert all(row[ms] > 0 for name, row in table.items() if name != gate_costs.FUSED_SUM_BOUND)

@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, make_blocks
 from torch.utils.checkpoint import checkpoint
 
+from .fused import gate_mix, hook_free
 from .gate import DenseGate, adjust_inbound, global_avg_pool, pad_channels
 from .pretrained import FASHION_MNIST, build_model_with_pretrained, hub_cfgs, untagged_default, warm_start_cfgs
 
@@ -104,8 +105,16 @@ class DenseBasicBlock(BasicBlock):
             inbounds_pooled.append(pooled[-k])
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
         v, w = gate.weights_for(y, inbounds_pooled)
-        out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-        return join_history(outputs, pooled, out, self.history_len)
+        if torch.jit.is_scripting():
+            out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
+            return join_history(outputs, pooled, out, self.history_len)
+        else:
+            plain_relu = type(self.act2) is nn.ReLU and hook_free(self.act2)
+            mixed = gate_mix(y_mixed, v, w, inbounds, relu=True, reuse_y=True) if plain_relu else None
+            if mixed is not None:  # the compiled kernel: sum, ReLU and the output's mean in one pass
+                return join_history(outputs, pooled, mixed[0], self.history_len, mixed[1])
+            out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
+            return join_history(outputs, pooled, out, self.history_len)
 
 
 def split_history(history: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -132,12 +141,15 @@ torch.fx.wrap('pad_channels')  # reads the width of its input; a leaf for torch.
 
 def join_history(
         outputs: List[torch.Tensor], pooled: List[torch.Tensor], out: torch.Tensor, history_len: int,
+        out_pooled: Optional[torch.Tensor] = None,
 ) -> List[torch.Tensor]:
     """The next block's input: the last ``history_len`` outputs (``out`` the latest), their means in front, so
-    that every output is pooled once. New lists: the caller's history must stay intact (activation
-    checkpointing re-runs a block)."""
+    that every output is pooled once (``out_pooled``: out's mean, where the caller has it already). New lists: the
+    caller's history must stay intact (activation checkpointing re-runs a block)."""
     outputs = (outputs + [out])[-history_len:]
-    pooled = (pooled + [global_avg_pool(out)])[-history_len:]
+    if out_pooled is None:
+        out_pooled = global_avg_pool(out)
+    pooled = (pooled + [out_pooled])[-history_len:]
     return pooled + outputs
 
 

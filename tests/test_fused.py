@@ -1,0 +1,177 @@
+"""The compiled CPU kernel for the end of a dense block (timm_denseres/fused.py, csrc/gate_mix.cpp): the same numbers
+as the PyTorch operations (to 1e-5, forward and backward), used by the models where it applies and only there, and
+a clean fallback where it cannot be built."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from torch.utils.cpp_extension import is_ninja_available
+
+import timm_denseres  # noqa: F401  registers the models
+from timm_denseres import fused
+from timm_denseres.gate import global_avg_pool, weighted_sum
+
+KERNEL_OP = 'timm_denseres::gate_mix'
+can_build = shutil.which(os.environ.get('CXX', 'c++')) is not None and is_ninja_available()
+needs_kernel = pytest.mark.skipif(not can_build, reason='no C++ compiler or ninja to build the kernel')
+
+
+def _reference(y, v, w, inbounds, relu):
+    out = weighted_sum(y * 1, v, w, inbounds)  # y * 1: the in-place sum must not touch the leaf
+    out = torch.relu(out) if relu else out
+    return out, global_avg_pool(out)
+
+
+def _leaves(tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _kernel_ran(fn) -> bool:
+    with torch.profiler.profile() as prof:
+        fn()
+    return any(e.name == KERNEL_OP for e in prof.events())
+
+
+@needs_kernel
+def test_kernel_builds():
+    assert fused.kernel_available()
+    assert hasattr(torch.ops.timm_denseres, 'gate_mix')
+
+
+@needs_kernel
+@pytest.mark.parametrize('relu', [True, False])
+@pytest.mark.parametrize('size', [(7, 7), (20, 20), (1, 3)])  # odd; over one 256-element chunk; tiny
+@pytest.mark.parametrize('widths', [[8], [8, 8, 8], [8, 4, 8, 2]])  # narrow inbounds: earlier, narrower stages
+@pytest.mark.parametrize('wanted', ['both', 'out', 'mean'])  # which results get a gradient
+def test_kernel_matches_pytorch_ops(relu, size, widths, wanted):
+    torch.manual_seed(0)
+    batch, channels, n = 3, 8, len(widths)
+    y = torch.randn(batch, channels, *size)
+    v = torch.rand(batch, channels)
+    w = torch.softmax(torch.randn(batch, n, channels), 1)
+    inbounds = [torch.randn(batch, c, *size) for c in widths]
+    ours, ref = _leaves([y, v, w] + inbounds), _leaves([y, v, w] + inbounds)
+    out, mean = fused.gate_mix(ours[0], ours[1], ours[2], ours[3:], relu=relu)
+    ref_out, ref_mean = _reference(ref[0], ref[1], ref[2], ref[3:], relu)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    grad, grad_mean = torch.randn_like(out), torch.randn_like(mean)
+    picks = {'both': [0, 1], 'out': [0], 'mean': [1]}[wanted]
+    torch.autograd.backward([[out, mean][i] for i in picks], [[grad, grad_mean][i] for i in picks])
+    torch.autograd.backward([[ref_out, ref_mean][i] for i in picks], [[grad, grad_mean][i] for i in picks])
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    # without autograd, written into y (reuse_y), as the blocks do in inference
+    with torch.no_grad():
+        y_copy = y.clone()
+        out_inplace, _ = fused.gate_mix(y_copy, v, w, inbounds, relu=relu, reuse_y=True)
+    assert out_inplace.data_ptr() == y_copy.data_ptr()
+    torch.testing.assert_close(out_inplace, ref_out.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_the_kernel_does_not_cover_fall_back():
+    """None (the caller then uses PyTorch operations) for what the kernel does not cover."""
+    y, v, w = torch.randn(2, 4, 5, 5), torch.rand(2, 4), torch.rand(2, 1, 4)
+    a = torch.randn(2, 4, 5, 5)
+    assert fused.gate_mix(y.double(), v.double(), w.double(), [a.double()], relu=True) is None
+    assert fused.gate_mix(y.to(memory_format=torch.channels_last), v, w, [a], relu=True) is None
+    assert fused.gate_mix(y, v, w, [torch.randn(2, 4, 3, 3)], relu=True) is None  # not y's size
+    assert fused.gate_mix(y, v, w, [torch.randn(2, 6, 5, 5)], relu=True) is None  # wider than y
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert fused.gate_mix(y, v, w, [a], relu=True) is None
+    with fused.kernel_disabled():
+        assert fused.gate_mix(y, v, w, [a], relu=True) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize('name,size,train', [
+    ('denseresnet110_n4', 32, False), ('denseresnet110_n4', 32, True), ('densemobilenetv2_n2', 64, False)])
+def test_models_with_and_without_the_kernel_agree(name, size, train):
+    """The whole model, forward and every parameter's gradient, with the kernel and with PyTorch operations
+    (in eval mode the backward runs through the kernel's autograd node too). Not DenseMobileNetV2 with
+    training-mode BatchNorm: at random init and batch 4, the kernel's float32 means (1e-7 from PyTorch's, another
+    summation order) flip an activation somewhere and move conv_stem's gradient by 2 %, while its backward, fed
+    PyTorch's means, gives PyTorch's gradients exactly (measured); that network, not the kernel, is ill-conditioned."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).train(train)
+    x = torch.randn(4, 3, size, size)
+    results = []
+    for disabled in (False, True):
+        model.zero_grad()
+        state = {k: t.clone() for k, t in model.state_dict().items()}  # BatchNorm statistics move in training
+        with fused.kernel_disabled() if disabled else torch.enable_grad():
+            with torch.profiler.profile() as prof:
+                out = model(x)
+                out.square().mean().backward()
+        model.load_state_dict(state)
+        used = any(e.name == KERNEL_OP for e in prof.events())
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, used))
+    (out, grads, used), (ref_out, ref_grads, ref_used) = results
+    assert used and not ref_used
+    # float32 rounding differs inside the kernel (1e-5 above); through 17-54 blocks and training-mode BatchNorm it
+    # grows to a few 1e-5
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+@needs_kernel
+def test_hooks_and_inference_use():
+    """A forward hook on the activation the kernel would apply keeps the module path (the hook sees it); in
+    inference mode the kernel runs, writing into the branch output."""
+    model = timm.create_model('denseresnet110_n2', num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        ref = model(x)
+        assert _kernel_ran(lambda: model(x))
+        seen = []
+        handle = model.layer1[1].act2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        try:
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+        finally:
+            handle.remove()
+    assert seen == [torch.Size([2, 16, 16, 16])]
+
+
+def test_environment_variable_turns_the_kernel_off():
+    code = 'from timm_denseres import fused; print(fused.kernel_available())'
+    env = {**os.environ, 'TIMM_DENSERES_FUSED': '0'}
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == 'False', result.stderr
+
+
+def test_a_failed_build_warns_once_and_the_model_still_runs(tmp_path):
+    """No working compiler: one warning that says what failed and what happens instead; the model's output is
+    the PyTorch operations' output."""
+    code = textwrap.dedent('''
+        import warnings
+        import timm, torch
+        import timm_denseres
+        from timm_denseres import fused
+        torch.manual_seed(0)
+        model = timm.create_model('denseresnet110_n2', num_classes=10).eval()
+        x = torch.randn(2, 3, 16, 16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            with torch.no_grad():
+                out = model(x)
+                model(x)
+        with fused.kernel_disabled(), torch.no_grad():
+            ref = model(x)
+        messages = [str(w.message) for w in caught if 'timm_denseres' in str(w.message)]
+        print(len(messages), fused.kernel_available(), torch.equal(out, ref))
+        print(messages[0] if messages else '')
+    ''')
+    env = {**os.environ, 'CXX': str(tmp_path / 'no-such-compiler'), 'TORCH_EXTENSIONS_DIR': str(tmp_path / 'ext')}
+    env.pop('TIMM_DENSERES_FUSED', None)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first, message = result.stdout.strip().splitlines()[:2]
+    assert first == '1 False True'
+    assert 'could not be built' in message and 'PyTorch operations instead' in message

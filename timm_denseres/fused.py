@@ -1,0 +1,137 @@
+"""A compiled CPU kernel for the end of a dense block (``csrc/gate_mix.cpp``): ``act(v * y + sum_k w_k * a_k)``
+and its global average in one pass over the maps, and the backward in one pass.
+
+Eager PyTorch has no operator for a weighted sum of several tensors: :func:`timm_denseres.gate.weighted_sum` makes
+a read-modify-write of the sum per inbound, and in backward a gradient pass per inbound; the activation and the
+global average (which the next N gates read) are passes of their own. For DenseResNet-110's 54 small blocks that is
+most of its extra time over ResNet-110 (README, *Speed*). The kernel gives the same numbers to 1e-5
+(tests/test_fused.py).
+
+The kernel is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about half a
+minute) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, or with the environment variable
+``TIMM_DENSERES_FUSED=0``, or for inputs it does not cover (not CPU float32 contiguous NCHW, autocast, autograd
+tracing by torch.fx, TorchScript, torch.compile), :func:`gate_mix` returns None and the blocks use the PyTorch
+operations.
+"""
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .gate import _autocast_enabled, _is_compiling
+
+__all__ = ['gate_mix', 'hook_free', 'kernel_available', 'kernel_disabled']
+
+_LOGGER = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name('csrc') / 'gate_mix.cpp'
+_MAX_INBOUNDS = 64  # kMaxInbounds in the source
+_kernel_state: List[Optional[bool]] = [None]  # None: not tried yet; then whether the ops are registered
+_disabled: List[bool] = [False]  # kernel_disabled() is active
+
+
+def _enabled_by_env() -> bool:
+    return os.environ.get('TIMM_DENSERES_FUSED', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+
+def kernel_available() -> bool:
+    """Whether the compiled ops ``torch.ops.timm_denseres.gate_mix*`` are there; builds them on the first call
+    (once per process; torch caches the build on disk). A failed build warns once and is not tried again."""
+    if _kernel_state[0] is None:
+        _kernel_state[0] = _load_kernel()
+    return bool(_kernel_state[0])
+
+
+@contextmanager
+def kernel_disabled() -> Iterator[None]:
+    """Within it, the dense blocks use the PyTorch operations instead of the kernel (to compare the two)."""
+    saved = _disabled[0]
+    _disabled[0] = True
+    try:
+        yield
+    finally:
+        _disabled[0] = saved
+
+
+def _load_kernel() -> bool:
+    if not _enabled_by_env():
+        return False
+    if hasattr(torch.ops.timm_denseres, 'gate_mix'):  # registered by another copy of this module
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+        _LOGGER.info('building the fused gate kernel %s (once; torch caches it)', _SOURCE.name)
+        # AVX2 where torch itself runs its AVX2 (or AVX-512) kernels; the name keeps the two builds apart in a
+        # cache that several machines share
+        avx2 = torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
+        load(name='timm_denseres_gate_mix' + ('_avx2' if avx2 else ''), sources=[str(_SOURCE)],
+             extra_cflags=['-O3', '-fopenmp'] + (['-mavx2', '-mfma'] if avx2 else []), extra_ldflags=['-fopenmp'],
+             is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, no write access to the cache, ...
+        warnings.warn(
+            f'timm_denseres: the fused CPU gate kernel could not be built ({type(e).__name__}: '
+            f'{str(e).strip().splitlines()[-1] if str(e).strip() else "no message"}); the dense blocks use PyTorch '
+            f'operations instead (same numbers, slower on CPU). Set TIMM_DENSERES_FUSED=0 to skip the attempt.')
+        return False
+    return True
+
+
+class _GateMixFn(torch.autograd.Function):
+    """The kernel as one autograd node; it saves its inputs and its output (which the history keeps anyway)."""
+
+    @staticmethod
+    def forward(ctx, relu: bool, y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, *inbounds: torch.Tensor):
+        out, out_mean = torch.ops.timm_denseres.gate_mix(y, v, w, list(inbounds), relu, False)
+        ctx.relu = relu
+        ctx.save_for_backward(out, y, v, w, *inbounds)
+        return out, out_mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor]):
+        out, y, v, w, *inbounds = ctx.saved_tensors
+        grad = torch.zeros_like(out) if grad is None else grad.contiguous()
+        grad_mean = None if grad_mean is None else grad_mean.contiguous()
+        grads = torch.ops.timm_denseres.gate_mix_backward(grad, grad_mean, out, y, v, w, inbounds, ctx.relu)
+        return (None, *grads)
+
+
+def hook_free(module: torch.nn.Module) -> bool:
+    """No forward hook watches ``module`` (nor all modules): the kernel may do its work without calling it."""
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _covered(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> bool:
+    if y.device.type != 'cpu' or y.dim() != 4 or len(inbounds) > _MAX_INBOUNDS or _autocast_enabled('cpu'):
+        return False
+    batch, channels, height, width = y.shape
+    if v.shape != (batch, channels) or w.shape != (batch, len(inbounds), channels):
+        return False
+    for t in [y, v, w] + inbounds:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != 'cpu':
+            return False
+    return all(a.dim() == 4 and a.shape[0] == batch and a.shape[1] <= channels and a.shape[2:] == y.shape[2:]
+               for a in inbounds)
+
+
+def gate_mix(
+        y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor], relu: bool,
+        reuse_y: bool = False,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(act(v * y + sum_k w[:, k] * a_k), its mean over H, W)`` by the compiled kernel (act: ReLU if ``relu``),
+    or None where the kernel does not apply (see the module docstring); the caller then uses PyTorch operations.
+    v (B, C), w (B, n, C); an inbound narrower than y stands for itself zero-padded. ``reuse_y``: y is a
+    temporary nothing reads afterwards, so without autograd the result is written into it."""
+    if (_disabled[0] or isinstance(y, torch.fx.Proxy) or _is_compiling()
+            or not _covered(y, v, w, inbounds)):
+        return None
+    if not kernel_available():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [y, v, w] + inbounds):
+        return _GateMixFn.apply(relu, y, v, w, *inbounds)
+    return torch.ops.timm_denseres.gate_mix(y, v, w, inbounds, relu, reuse_y)
