@@ -14,7 +14,7 @@ from torch.utils.cpp_extension import is_ninja_available
 
 import timm_denseres  # noqa: F401  registers the models
 from timm_denseres import fused
-from timm_denseres.gate import global_avg_pool, weighted_sum
+from timm_denseres.gate import DenseGate, global_avg_pool, weighted_sum
 
 KERNEL_OP = 'timm_denseres::gate_mix'
 can_build = shutil.which(os.environ.get('CXX', 'c++')) is not None and is_ninja_available()
@@ -72,6 +72,55 @@ def test_kernel_matches_pytorch_ops(relu, size, widths, wanted):
         out_inplace, _ = fused.gate_mix(y_copy, v, w, inbounds, relu=relu, reuse_y=True)
     assert out_inplace.data_ptr() == y_copy.data_ptr()
     torch.testing.assert_close(out_inplace, ref_out.detach(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_ops_reject_what_they_do_not_cover():
+    """Called directly, the ops check their inputs (a clear error instead of reading memory they do not own)."""
+    assert fused.kernel_available()
+    y, v, w = torch.randn(2, 4, 5, 5), torch.rand(2, 4), torch.rand(2, 1, 4)
+    a = torch.randn(2, 4, 5, 5)
+    bad_calls = {
+        'y must be': (y.double(), v, w, [a]),
+        'v must be': (y, v[:, :3], w, [a]),
+        'w must be': (y, v, torch.rand(2, 2, 4), [a]),
+        'each inbound': (y, v, w, [torch.randn(2, 4, 4, 4)]),
+    }
+    for message, args in bad_calls.items():
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.timm_denseres.gate_mix(*args, True, False)
+    out, _ = torch.ops.timm_denseres.gate_mix(y, v, w, [a], True, False)
+    with pytest.raises(RuntimeError, match='grad and out'):
+        torch.ops.timm_denseres.gate_mix_backward(out[:, :2], None, out, y, v, w, [a], True)
+
+
+@needs_kernel
+@pytest.mark.parametrize('valid', [[16, 16, 16], [16, 8, 16, 8], [16]])  # padded (masked) inbound channels
+def test_inference_gate_head_matches_the_modules(valid):
+    """The gate's (v, w) in inference by the compiled head, against the gate's modules (its BatchNorm with
+    running statistics, the padding mask): to 1e-5, and the compiled op is what ran."""
+    torch.manual_seed(0)
+    gate = DenseGate(16, len(valid), 2, valid)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, 0.5)
+        gate.bn.running_mean.normal_(0, 0.3)
+        gate.bn.running_var.uniform_(0.5, 2.0)
+    gate.eval()
+    y = torch.randn(4, 16, 6, 6)
+    pooled = [torch.randn(4, 16) for _ in valid]
+    with torch.no_grad():
+        want = gate.weights_from_pooled([global_avg_pool(y)] + pooled)
+        with torch.profiler.profile() as prof:
+            got = gate.weights_for(y, pooled)
+    assert any(e.name == 'timm_denseres::gate_head_eval' for e in prof.events())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (got[1].sum(1) - 1).abs().max() < 1e-6
+    for k, width in enumerate(valid):
+        assert torch.all(got[1][:, k, width:] == 0)  # padding gets weight 0
+    with pytest.raises(RuntimeError, match='folded parameters do not fit'):
+        torch.ops.timm_denseres.gate_head_eval(y, pooled[:-1] + [pooled[0], pooled[0]], *gate._eval_head.get(gate))
 
 
 def test_inputs_the_kernel_does_not_cover_fall_back():

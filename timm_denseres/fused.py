@@ -7,11 +7,11 @@ global average (which the next N gates read) are passes of their own. For DenseR
 most of its extra time over ResNet-110 (README, *Speed*). The kernel gives the same numbers to 1e-5
 (tests/test_fused.py).
 
-The kernel is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about half a
-minute) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, or with the environment variable
-``TIMM_DENSERES_FUSED=0``, or for inputs it does not cover (not CPU float32 contiguous NCHW, autocast, autograd
-tracing by torch.fx, TorchScript, torch.compile), :func:`gate_mix` returns None and the blocks use the PyTorch
-operations.
+The kernel is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 15 s on a
+2-core machine) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, with the environment
+variable ``TIMM_DENSERES_FUSED=0``, inside :func:`kernel_disabled`, or for inputs it does not cover (not CPU
+float32 contiguous NCHW, autocast, torch.fx tracing, TorchScript, torch.compile), :func:`gate_mix` returns None and
+the blocks use the PyTorch operations. CUDA runs the PyTorch operations (or torch.compile's fused code).
 """
 import logging
 import os
@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .gate import _autocast_enabled, _is_compiling
 
-__all__ = ['gate_mix', 'hook_free', 'kernel_available', 'kernel_disabled']
+__all__ = ['gate_head_eval', 'gate_mix', 'hook_free', 'kernel_available', 'kernel_disabled']
 
 _LOGGER = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name('csrc') / 'gate_mix.cpp'
@@ -135,3 +135,17 @@ def gate_mix(
     if torch.is_grad_enabled() and any(t.requires_grad for t in [y, v, w] + inbounds):
         return _GateMixFn.apply(relu, y, v, w, *inbounds)
     return torch.ops.timm_denseres.gate_mix(y, v, w, inbounds, relu, reuse_y)
+
+
+def gate_head_eval(
+        y: torch.Tensor, pooled: List[torch.Tensor],
+        folded: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The gate's (v, w) in inference by the compiled kernel, from y, the inbounds' means and the folded
+    parameters ``(w1, b1, w2, b2)`` of :func:`timm_denseres.gate._fold_eval_head`; None where it does not apply
+    (the caller then runs the same two matrix products as PyTorch operations)."""
+    if _disabled[0] or y.device.type != 'cpu' or y.dtype != torch.float32 or y.dim() != 4 or not y.is_contiguous():
+        return None
+    if any(t.dtype != torch.float32 for t in list(pooled) + list(folded)) or not kernel_available():
+        return None
+    return torch.ops.timm_denseres.gate_head_eval(y, pooled, *folded)

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -33,9 +35,28 @@ Rows inbound_rows(const std::vector<at::Tensor>& inbounds) {
 
 int64_t grain_rows(int64_t hw) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1)); }
 
+void check_inputs(
+    const at::Tensor& y, const at::Tensor& v, const at::Tensor& w, const std::vector<at::Tensor>& inbounds) {
+  const int64_t n = static_cast<int64_t>(inbounds.size());
+  TORCH_CHECK(n <= kMaxInbounds, "gate_mix: at most ", kMaxInbounds, " inbounds");
+  TORCH_CHECK(y.dim() == 4 && y.scalar_type() == at::kFloat && y.is_contiguous() && y.device().is_cpu(),
+              "gate_mix: y must be a contiguous float32 CPU tensor (B, C, H, W)");
+  const int64_t batch = y.size(0), channels = y.size(1);
+  TORCH_CHECK(v.sizes() == at::IntArrayRef({batch, channels}) && v.scalar_type() == at::kFloat && v.is_contiguous(),
+              "gate_mix: v must be contiguous float32 (B, C)");
+  TORCH_CHECK(w.sizes() == at::IntArrayRef({batch, n, channels}) && w.scalar_type() == at::kFloat &&
+              w.is_contiguous(), "gate_mix: w must be contiguous float32 (B, n, C)");
+  for (const auto& a : inbounds) {
+    TORCH_CHECK(a.dim() == 4 && a.size(0) == batch && a.size(1) <= channels && a.size(2) == y.size(2) &&
+                a.size(3) == y.size(3) && a.scalar_type() == at::kFloat && a.is_contiguous() && a.device().is_cpu(),
+                "gate_mix: each inbound must be contiguous float32 (B, c <= C, H, W) like y");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> gate_mix(
     const at::Tensor& y, const at::Tensor& v, const at::Tensor& w, const std::vector<at::Tensor>& inbounds,
     bool relu, bool inplace) {
+  check_inputs(y, v, w, inbounds);
   const int64_t batch = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
   const int64_t n = static_cast<int64_t>(inbounds.size());
   at::Tensor out = inplace ? y : at::empty_like(y);
@@ -90,7 +111,12 @@ std::vector<at::Tensor> gate_mix_backward(
     const at::Tensor& v, const at::Tensor& w, const std::vector<at::Tensor>& inbounds, bool relu) {
   const int64_t batch = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
   const int64_t n = static_cast<int64_t>(inbounds.size());
-  TORCH_CHECK(n <= kMaxInbounds, "gate_mix_backward: at most ", kMaxInbounds, " inbounds");
+  check_inputs(y, v, w, inbounds);
+  TORCH_CHECK(grad.sizes() == y.sizes() && grad.is_contiguous() && out.sizes() == y.sizes() && out.is_contiguous(),
+              "gate_mix_backward: grad and out must be contiguous and shaped like y");
+  TORCH_CHECK(!grad_mean.has_value() || !grad_mean->defined() ||
+              (grad_mean->sizes() == v.sizes() && grad_mean->is_contiguous()),
+              "gate_mix_backward: grad_mean must be contiguous (B, C)");
   at::Tensor grad_y = at::empty_like(y), grad_v = at::empty_like(v), grad_w = at::zeros_like(w);
   std::vector<at::Tensor> grad_inbounds;
   std::vector<float*> grad_a_data;
@@ -161,15 +187,77 @@ std::vector<at::Tensor> gate_mix_backward(
   return result;
 }
 
+// The gate's layers in inference, from y and the inbounds' means to (v, w), with the BatchNorm folded into fc1
+// and the padding mask as -inf in fc2's bias (timm_denseres/gate.py, _fold_eval_head): one call instead of
+// about ten PyTorch operations, each of which costs tens of microseconds after a block's convolutions.
+//   g = [mean_hw(y), pooled_1, ..., pooled_n];  logits = relu(g w1 + b1) w2 + b2
+//   v = sigmoid(logits[:, :C]);  w = softmax over k of logits[:, C:] viewed (B, n, C)
+std::tuple<at::Tensor, at::Tensor> gate_head_eval(
+    const at::Tensor& y, const std::vector<at::Tensor>& pooled, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2) {
+  TORCH_CHECK(y.dim() == 4 && y.scalar_type() == at::kFloat && y.is_contiguous() && y.device().is_cpu(),
+              "gate_head_eval: y must be a contiguous float32 CPU tensor (B, C, H, W)");
+  const int64_t batch = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
+  const int64_t n = static_cast<int64_t>(pooled.size()), width = (n + 1) * channels;
+  for (const auto& p : pooled) {
+    TORCH_CHECK(p.sizes() == at::IntArrayRef({batch, channels}) && p.scalar_type() == at::kFloat,
+                "gate_head_eval: each pooled inbound must be float32 (B, C)");
+  }
+  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == width && b1.dim() == 1 && b1.size(0) == w1.size(1) &&
+              w2.dim() == 2 && w2.size(0) == w1.size(1) && w2.size(1) == width && b2.dim() == 1 &&
+              b2.size(0) == width, "gate_head_eval: folded parameters do not fit (w1 ", w1.sizes(), ", w2 ",
+              w2.sizes(), ") for ", n, " inbounds of ", channels, " channels");
+  at::Tensor g = at::empty({batch, width}, y.options());
+  const float* y_data = y.data_ptr<float>();
+  float* g_data = g.data_ptr<float>();
+  const float inv_hw = 1.0f / static_cast<float>(hw);
+  at::parallel_for(0, batch * channels, grain_rows(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* y_row = y_data + row * hw;
+      float total = 0.0f;
+      #pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < hw; ++j) total += y_row[j];
+      g_data[(row / channels) * width + row % channels] = total * inv_hw;
+    }
+  });
+  for (int64_t k = 0; k < n; ++k) {
+    g.narrow(1, (k + 1) * channels, channels).copy_(pooled[k]);
+  }
+  at::Tensor logits = at::addmm(b2, at::addmm(b1, g, w1).relu_(), w2);
+  at::Tensor v = at::empty({batch, channels}, y.options());
+  at::Tensor w = at::empty({batch, n, channels}, y.options());
+  const float* l_data = logits.data_ptr<float>();
+  float* v_data = v.data_ptr<float>();
+  float* w_data = w.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* l_row = l_data + b * width;
+    for (int64_t c = 0; c < channels; ++c) {
+      v_data[b * channels + c] = 1.0f / (1.0f + std::exp(-l_row[c]));
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < n; ++k) top = std::max(top, l_row[(k + 1) * channels + c]);
+      float total = 0.0f;
+      for (int64_t k = 0; k < n; ++k) {
+        const float e = std::exp(l_row[(k + 1) * channels + c] - top);  // -inf (padding) gives 0
+        w_data[(b * n + k) * channels + c] = e;
+        total += e;
+      }
+      for (int64_t k = 0; k < n; ++k) w_data[(b * n + k) * channels + c] /= total;
+    }
+  }
+  return {v, w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(timm_denseres, m) {
   m.def("gate_mix(Tensor y, Tensor v, Tensor w, Tensor[] inbounds, bool relu, bool inplace) -> (Tensor, Tensor)");
   m.def("gate_mix_backward(Tensor grad, Tensor? grad_mean, Tensor out, Tensor y, Tensor v, Tensor w, "
         "Tensor[] inbounds, bool relu) -> Tensor[]");
+  m.def("gate_head_eval(Tensor y, Tensor[] pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(timm_denseres, CPU, m) {
   m.impl("gate_mix", &gate_mix);
   m.impl("gate_mix_backward", &gate_mix_backward);
+  m.impl("gate_head_eval", &gate_head_eval);
 }
