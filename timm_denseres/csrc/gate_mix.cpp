@@ -9,8 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -224,26 +222,10 @@ std::tuple<at::Tensor, at::Tensor> gate_head_eval(
     g.narrow(1, (k + 1) * channels, channels).copy_(pooled[k]);
   }
   at::Tensor logits = at::addmm(b2, at::addmm(b1, g, w1).relu_(), w2);
-  at::Tensor v = at::empty({batch, channels}, y.options());
-  at::Tensor w = at::empty({batch, n, channels}, y.options());
-  const float* l_data = logits.data_ptr<float>();
-  float* v_data = v.data_ptr<float>();
-  float* w_data = w.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* l_row = l_data + b * width;
-    for (int64_t c = 0; c < channels; ++c) {
-      v_data[b * channels + c] = 1.0f / (1.0f + std::exp(-l_row[c]));
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < n; ++k) top = std::max(top, l_row[(k + 1) * channels + c]);
-      float total = 0.0f;
-      for (int64_t k = 0; k < n; ++k) {
-        const float e = std::exp(l_row[(k + 1) * channels + c] - top);  // -inf (padding) gives 0
-        w_data[(b * n + k) * channels + c] = e;
-        total += e;
-      }
-      for (int64_t k = 0; k < n; ++k) w_data[(b * n + k) * channels + c] /= total;
-    }
-  }
+  // ATen's vectorised sigmoid and softmax (a scalar exp per element costs more than the rest of the head);
+  // -inf logits (padding) get weight 0
+  at::Tensor v = at::sigmoid(logits.narrow(1, 0, channels));
+  at::Tensor w = at::softmax(logits.narrow(1, channels, n * channels).view({batch, n, channels}), 1);
   return {v, w};
 }
 
