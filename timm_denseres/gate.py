@@ -11,7 +11,9 @@ broadcast view, the gate's small layers run as one autograd node (:class:`_GateH
 matrix products with the BatchNorm folded in, :func:`_eval_head_forward`), and the ceil-mode 2x2
 pool of the history runs as a depthwise convolution (strided adds in inference). All of these give the numbers
 of the plain formula to 1e-5 (tests/test_gate_fast.py). Under TorchScript and torch.compile the gate is the
-plain formula over its modules.
+plain formula over its modules. On CPU the blocks run the weighted sum, their activation and the output's mean,
+and in inference the gate's small layers, in a compiled kernel where it builds (fused.py); these functions are
+its fallback and reference.
 """
 import math
 from typing import List, Optional, Tuple, Type
