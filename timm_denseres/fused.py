@@ -23,9 +23,9 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .gate import _autocast_enabled, _is_compiling
+from ._runtime import autocast_enabled, is_compiling
 
-__all__ = ['gate_head_eval', 'gate_mix', 'hook_free', 'kernel_available', 'kernel_disabled']
+__all__ = ['gate_head_eval', 'gate_mix', 'kernel_available', 'kernel_disabled']
 
 _LOGGER = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name('csrc') / 'gate_mix.cpp'
@@ -100,14 +100,8 @@ class _GateMixFn(torch.autograd.Function):
         return (None, *grads)
 
 
-def hook_free(module: torch.nn.Module) -> bool:
-    """No forward hook watches ``module`` (nor all modules): the kernel may do its work without calling it."""
-    return not (module._forward_hooks or module._forward_pre_hooks
-                or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
-
-
 def _covered(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> bool:
-    if y.device.type != 'cpu' or y.dim() != 4 or len(inbounds) > _MAX_INBOUNDS or _autocast_enabled('cpu'):
+    if y.device.type != 'cpu' or y.dim() != 4 or len(inbounds) > _MAX_INBOUNDS or autocast_enabled('cpu'):
         return False
     batch, channels, height, width = y.shape
     if v.shape != (batch, channels) or w.shape != (batch, len(inbounds), channels):
@@ -127,7 +121,7 @@ def gate_mix(
     or None where the kernel does not apply (see the module docstring); the caller then uses PyTorch operations.
     v (B, C), w (B, n, C); an inbound narrower than y stands for itself zero-padded. ``reuse_y``: y is a
     temporary nothing reads afterwards, so without autograd the result is written into it."""
-    if (_disabled[0] or isinstance(y, torch.fx.Proxy) or _is_compiling()
+    if (_disabled[0] or isinstance(y, torch.fx.Proxy) or is_compiling()
             or not _covered(y, v, w, inbounds)):
         return None
     if not kernel_available():

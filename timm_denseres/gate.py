@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch.autograd.function import once_differentiable
 
+from ._runtime import autocast_enabled, hook_free, is_compiling
+from .fused import gate_head_eval
+
 __all__ = [
     'DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'gate_hidden_channels', 'adjust_inbound', 'avg_pool_2x2',
     'global_avg_pool', 'pad_channels', 'weighted_sum',
@@ -35,20 +38,6 @@ def gate_hidden_channels(channels: int, reduction: int) -> int:
     return int(math.ceil(max(channels // reduction, 1) / 8) * 8)
 
 
-def _is_compiling() -> bool:
-    """True while torch.compile (dynamo) traces; ``torch.compiler.is_compiling`` is missing before torch 2.3."""
-    is_compiling = getattr(torch.compiler, 'is_compiling', None)
-    return is_compiling is not None and is_compiling()
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``, which takes no argument before torch 2.4."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
-
-
 def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool2d(x, 2, 2, ceil_mode=True)``. In eager mode on CPU, for even H and W, it runs faster than
     PyTorch's CPU average pool: without autograd as two strided adds over contiguous row pairs, then column pairs
@@ -58,7 +47,7 @@ def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     if torch.jit.is_scripting():
         return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
     else:
-        if (_is_compiling() or x.device.type != 'cpu' or not x.is_floating_point()
+        if (is_compiling() or x.device.type != 'cpu' or not x.is_floating_point()
                 or x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1):
             return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
         if x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
@@ -341,7 +330,6 @@ def _eval_head_forward(
     """(v, w) in inference (eval mode, no autograd): pool y, concat, two matrix products with the folded
     parameters (:class:`_EvalHeadCache`), sigmoid / softmax. Six operations instead of ten: after a block's
     convolutions each small operation costs tens of microseconds (cold caches), more than its arithmetic."""
-    from .fused import gate_head_eval  # here: fused.py imports this module
     head = gate_head_eval(y, pooled, folded)
     if head is not None:  # the same, in compiled code, where it builds (fused.py)
         return head
@@ -414,7 +402,7 @@ class GateWeights(nn.Module):
         if torch.jit.is_scripting():
             return self._build_mask(device)
         else:
-            if _is_compiling() or isinstance(device, torch.fx.Proxy):  # traced: the mask is built in the graph
+            if is_compiling() or isinstance(device, torch.fx.Proxy):  # traced: the mask is built in the graph
                 return self._build_mask(device)
             mask = self._mask
             if mask is None or mask.device != device:
@@ -511,16 +499,13 @@ class DenseGate(nn.Module):
     @torch.jit.ignore
     def _fused_head_ok(self, y: torch.Tensor, inbounds_pooled: List[torch.Tensor]) -> bool:
         # runs once per block and forward: plain dict lookups, not nn.Module.__getattr__
-        if isinstance(y, torch.fx.Proxy) or _is_compiling() or not (y.is_cpu or y.is_cuda):
+        if isinstance(y, torch.fx.Proxy) or is_compiling() or not (y.is_cpu or y.is_cuda):
             return False
-        if _autocast_enabled('cpu' if y.is_cpu else 'cuda'):
-            return False
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        if autocast_enabled('cpu' if y.is_cpu else 'cuda'):
             return False
         modules = self._modules
-        for m in modules.values():
-            if m._forward_hooks or m._forward_pre_hooks:
-                return False
+        if not all(hook_free(m) for m in modules.values()):
+            return False
         fc1, bn = modules['fc1'], modules['bn']
         weight = fc1._parameters['weight']
         return (type(modules['act']) is nn.ReLU and fc1._parameters['bias'] is None
@@ -547,7 +532,7 @@ class DenseGate(nn.Module):
         if torch.jit.is_scripting():
             return weighted_sum(y, v, w, inbounds)
         else:
-            if _is_compiling():
+            if is_compiling():
                 out = y * v[:, :, None, None]
                 for k, a in enumerate(inbounds):
                     out = out + pad_channels(a, y.shape[1]) * w[:, k, :, None, None]

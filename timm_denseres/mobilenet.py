@@ -27,7 +27,8 @@ from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init
 from timm.models._features import feature_take_indices
 from timm.models.efficientnet import EfficientNet
 
-from .fused import gate_mix, hook_free
+from ._runtime import hook_free
+from .fused import gate_mix
 from .gate import DenseGate
 from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
 from .resnet import PAPER, DenseStage, adjust_history, join_history, split_history
@@ -74,15 +75,12 @@ class DenseMobileBlock:
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
         v, w = self.gate.weights_for(y, inbounds_pooled)
         y_mixed = self.drop_path(y)
-        if torch.jit.is_scripting():
-            out = self.mix_out(self.gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-            return join_history(outputs, pooled, out, self.history_len)
-        else:
+        if not torch.jit.is_scripting():
             mixed = gate_mix(y_mixed, v, w, inbounds, relu=False, reuse_y=True) if hook_free(self.mix_out) else None
             if mixed is not None:  # the compiled kernel: the sum and the output's mean in one pass
                 return join_history(outputs, pooled, mixed[0], self.history_len, mixed[1])
-            out = self.mix_out(self.gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-            return join_history(outputs, pooled, out, self.history_len)
+        out = self.mix_out(self.gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
+        return join_history(outputs, pooled, out, self.history_len)
 
 
 class DenseInvertedResidual(DenseMobileBlock, InvertedResidual):

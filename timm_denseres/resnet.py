@@ -22,7 +22,8 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, make_blocks
 from torch.utils.checkpoint import checkpoint
 
-from .fused import gate_mix, hook_free
+from ._runtime import hook_free
+from .fused import gate_mix
 from .gate import DenseGate, adjust_inbound, global_avg_pool, pad_channels
 from .pretrained import FASHION_MNIST, build_model_with_pretrained, hub_cfgs, untagged_default, warm_start_cfgs
 
@@ -105,16 +106,13 @@ class DenseBasicBlock(BasicBlock):
             inbounds_pooled.append(pooled[-k])
         # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
         v, w = gate.weights_for(y, inbounds_pooled)
-        if torch.jit.is_scripting():
-            out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-            return join_history(outputs, pooled, out, self.history_len)
-        else:
+        if not torch.jit.is_scripting():
             plain_relu = type(self.act2) is nn.ReLU and hook_free(self.act2)
             mixed = gate_mix(y_mixed, v, w, inbounds, relu=True, reuse_y=True) if plain_relu else None
             if mixed is not None:  # the compiled kernel: sum, ReLU and the output's mean in one pass
                 return join_history(outputs, pooled, mixed[0], self.history_len, mixed[1])
-            out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-            return join_history(outputs, pooled, out, self.history_len)
+        out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
+        return join_history(outputs, pooled, out, self.history_len)
 
 
 def split_history(history: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:

@@ -1,0 +1,24 @@
+"""What the current call runs under (the compiler, autocast, forward hooks): the fast eager paths of the gate
+(gate.py) and of the compiled kernel (fused.py) step aside for each of these."""
+import torch
+import torch.nn as nn
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces; ``torch.compiler.is_compiling`` is missing before torch 2.3."""
+    compiling = getattr(torch.compiler, 'is_compiling', None)
+    return compiling is not None and compiling()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, which takes no argument before torch 2.4."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+
+
+def hook_free(module: nn.Module) -> bool:
+    """No forward hook watches ``module`` (nor all modules): a fast path may do its work without calling it."""
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
