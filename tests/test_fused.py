@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
+from typing import Iterator, Set
 
 import pytest
 import timm
@@ -31,10 +33,13 @@ def _leaves(tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _kernel_ran(fn) -> bool:
+@contextmanager
+def _compiled_ops_run() -> Iterator[Set[str]]:
+    """A set that holds, on exit, the names of this package's compiled ops that ran within."""
+    ran: Set[str] = set()
     with torch.profiler.profile() as prof:
-        fn()
-    return any(e.name == KERNEL_OP for e in prof.events())
+        yield ran
+    ran.update(e.name for e in prof.events() if e.name.startswith('timm_denseres::'))
 
 
 @needs_kernel
@@ -111,9 +116,9 @@ def test_inference_gate_head_matches_the_modules(valid):
     pooled = [torch.randn(4, 16) for _ in valid]
     with torch.no_grad():
         want = gate.weights_from_pooled([global_avg_pool(y)] + pooled)
-        with torch.profiler.profile() as prof:
+        with _compiled_ops_run() as ran:
             got = gate.weights_for(y, pooled)
-    assert any(e.name == 'timm_denseres::gate_head_eval' for e in prof.events())
+    assert 'timm_denseres::gate_head_eval' in ran
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (got[1].sum(1) - 1).abs().max() < 1e-6
@@ -154,12 +159,11 @@ def test_models_with_and_without_the_kernel_agree(name, size, train):
         model.zero_grad()
         state = {k: t.clone() for k, t in model.state_dict().items()}  # BatchNorm statistics move in training
         with fused.kernel_disabled() if disabled else torch.enable_grad():
-            with torch.profiler.profile() as prof:
+            with _compiled_ops_run() as ran:
                 out = model(x)
                 out.square().mean().backward()
         model.load_state_dict(state)
-        used = any(e.name == KERNEL_OP for e in prof.events())
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, used))
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, KERNEL_OP in ran))
     (out, grads, used), (ref_out, ref_grads, ref_used) = results
     assert used and not ref_used
     # float32 rounding differs inside the kernel (1e-5 above); through 17-54 blocks and training-mode BatchNorm it
@@ -178,7 +182,9 @@ def test_hooks_and_inference_use():
     x = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         ref = model(x)
-        assert _kernel_ran(lambda: model(x))
+        with _compiled_ops_run() as ran:
+            model(x)
+        assert KERNEL_OP in ran
         seen = []
         handle = model.layer1[1].act2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
         try:
