@@ -128,6 +128,31 @@ def test_inference_gate_head_matches_the_modules(valid):
         torch.ops.timm_denseres.gate_head_eval(y, pooled[:-1] + [pooled[0], pooled[0]], *gate._eval_head.get(gate))
 
 
+@needs_kernel
+def test_inference_gate_head_sigmoid_and_softmax_over_the_float_range():
+    """The compiled head's own exp (a polynomial, so that it vectorises) against torch's sigmoid and softmax, with
+    logits set exactly by fc2's bias (fc2's weight 0) from -200 to 200, far past where exp overflows float32: to a
+    relative 1e-6 (a few float32 ulp) down to float32's smallest normal number (so tiny weights are right too, not
+    only large ones), no inf or nan, and weights that still sum to 1."""
+    channels, inbounds = 256, 4
+    gate = DenseGate(channels, inbounds, 8, [channels] * inbounds).eval()
+    width = (inbounds + 1) * channels
+    logits = torch.linspace(-200.0, 200.0, width)[torch.randperm(width, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        gate.fc2.weight.zero_()
+        gate.fc2.bias.copy_(logits)
+        with _compiled_ops_run() as ran:
+            v, w = gate.weights_for(torch.randn(2, channels, 3, 3), [torch.randn(2, channels) for _ in range(inbounds)])
+    assert 'timm_denseres::gate_head_eval' in ran
+    tiny = torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(v, torch.sigmoid(logits[:channels]).expand(2, -1), rtol=1e-6, atol=tiny)
+    want_w = torch.softmax(logits[channels:].view(inbounds, channels), 0)
+    assert (want_w > tiny).sum() > (want_w > 0.5).sum() > 0  # weights of every size, so the check means something
+    torch.testing.assert_close(w, want_w.expand(2, -1, -1), rtol=1e-6, atol=tiny)
+    assert torch.isfinite(v).all() and torch.isfinite(w).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(2, channels))
+
+
 def test_inputs_the_kernel_does_not_cover_fall_back():
     """None (the caller then uses PyTorch operations) for what the kernel does not cover."""
     y, v, w = torch.randn(2, 4, 5, 5), torch.rand(2, 4), torch.rand(2, 1, 4)

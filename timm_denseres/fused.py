@@ -30,6 +30,9 @@ __all__ = ['gate_head_eval', 'gate_mix', 'kernel_available', 'kernel_disabled']
 _LOGGER = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name('csrc') / 'gate_mix.cpp'
 _MAX_INBOUNDS = 64  # kMaxInbounds in the source
+# -fno-trapping-math: no floating-point exceptions to keep, so the compiler may turn the selects (ReLU, the
+# exp's range clamp) into vector blends and vectorise those loops; the numbers are the same
+_CFLAGS = ['-O3', '-fopenmp', '-fno-trapping-math']
 _kernel_state: List[Optional[bool]] = [None]  # None: not tried yet; then whether the ops are registered
 _disabled: List[bool] = [False]  # kernel_disabled() is active
 
@@ -69,7 +72,7 @@ def _load_kernel() -> bool:
         # cache that several machines share
         avx2 = torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
         load(name='timm_denseres_gate_mix' + ('_avx2' if avx2 else ''), sources=[str(_SOURCE)],
-             extra_cflags=['-O3', '-fopenmp'] + (['-mavx2', '-mfma'] if avx2 else []), extra_ldflags=['-fopenmp'],
+             extra_cflags=_CFLAGS + (['-mavx2', '-mfma'] if avx2 else []), extra_ldflags=['-fopenmp'],
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, no write access to the cache, ...
         warnings.warn(

@@ -282,11 +282,12 @@ class _GateHeadFn(torch.autograd.Function):
 
 def _fold_eval_head(gate: 'DenseGate') -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gate's layers for inference as two matrix products: the eval-mode BatchNorm folded into fc1
-    (``h = g @ w1 + b1``), fc2 transposed, and the padding mask as -inf in fc2's bias (softmax gives those
-    logits weight 0, exactly as the mask does)."""
+    (``h = g @ w1.T + b1``, w1 (M, width): one row per hidden unit, which the compiled head reads as dot
+    products), fc2 transposed (``logits = h @ w2 + b2``, w2 (M, width)), and the padding mask as -inf in fc2's bias
+    (softmax gives those logits weight 0, exactly as the mask does)."""
     bn = gate.bn
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    w1 = (gate.fc1.weight.flatten(1) * scale[:, None]).t().contiguous()
+    w1 = (gate.fc1.weight.flatten(1) * scale[:, None]).contiguous()
     b1 = bn.bias - bn.running_mean * scale
     w2 = gate.fc2.weight.flatten(1).t().contiguous()
     b2 = gate.fc2.bias.clone()
@@ -335,7 +336,7 @@ def _eval_head_forward(
         return head
     w1, b1, w2, b2 = folded
     g = torch.cat([global_avg_pool(y)] + pooled, dim=1)
-    logits = torch.addmm(b2, torch.addmm(b1, g, w1).relu_(), w2)
+    logits = torch.addmm(b2, torch.addmm(b1, g, w1.t()).relu_(), w2)
     return gate.weights.activate(logits, None)  # the padding mask is in b2 already
 
 
