@@ -1,6 +1,7 @@
 """The compiled CPU kernel for the end of a dense block (timm_denseres/fused.py, csrc/gate_mix.cpp): the same numbers
 as the PyTorch operations (to 1e-5, forward and backward), used by the models where it applies and only there, and
 a clean fallback where it cannot be built."""
+import copy
 import os
 import shutil
 import subprocess
@@ -151,6 +152,83 @@ def test_inference_gate_head_sigmoid_and_softmax_over_the_float_range():
     torch.testing.assert_close(w, want_w.expand(2, -1, -1), rtol=1e-6, atol=tiny)
     assert torch.isfinite(v).all() and torch.isfinite(w).all()
     torch.testing.assert_close(w.sum(1), torch.ones(2, channels))
+
+
+def _random_gate(valid, seed):
+    """A DenseGate with random parameters and running statistics (not the initial ones, which hide mistakes)."""
+    torch.manual_seed(seed)
+    gate = DenseGate(16, len(valid), 2, valid)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, 0.5)
+        gate.bn.running_mean.normal_(0, 0.3)
+        gate.bn.running_var.uniform_(0.5, 2.0)
+    return gate
+
+
+@needs_kernel
+@pytest.mark.parametrize('training,batch', [(True, 4), (False, 4), (True, 1)])
+@pytest.mark.parametrize('valid', [[16, 16, 16], [16, 8, 16, 4]])  # padded (masked) inbound channels
+@pytest.mark.parametrize('wanted', ['v and w', 'v', 'w'])  # which outputs a gradient comes back to
+def test_training_gate_head_matches_the_modules(training, batch, valid, wanted):
+    """The compiled gate head with autograd (training, where a batch of one uses the running statistics, and eval
+    mode with gradients) against the gate's modules: (v, w); the gradients of y, of the inbounds' means and of every
+    parameter; the BatchNorm's running statistics and batch count, to 1e-5; and the compiled ops are what ran.
+    Then without autograd in the same mode: the same (v, w) and statistics."""
+    gate = _random_gate(valid, seed=7).train(training)
+    modules = copy.deepcopy(gate)
+    modules.weights.register_forward_hook(lambda *_: None)  # a hook: this one calls its modules
+    gen = torch.Generator().manual_seed(7)
+    y = torch.randn(batch, 16, 5, 6, generator=gen, requires_grad=True)
+    pooled = [torch.randn(batch, 16, generator=gen, requires_grad=True) for _ in valid]
+    y2, *pooled2 = _leaves([y] + pooled)
+    grad_v = torch.randn(batch, 16, generator=gen) if 'v' in wanted else None
+    grad_w = torch.randn(batch, len(valid), 16, generator=gen) if 'w' in wanted else None
+
+    def loss(v, w):
+        return sum((out * g).sum() for out, g in [(v, grad_v), (w, grad_w)] if g is not None)
+
+    with _compiled_ops_run() as ran:
+        v, w = gate.weights_for(y, pooled)
+        loss(v, w).backward()
+    assert {'timm_denseres::gate_head_train', 'timm_denseres::gate_head_train_backward'} <= ran
+    v2, w2 = modules.weights_for(y2, pooled2)
+    loss(v2, w2).backward()
+    torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+    for k, width in enumerate(valid):
+        assert torch.all(w[:, k, width:] == 0)  # padding gets weight 0
+    for a, b in zip([y] + pooled, [y2] + pooled2):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(gate.named_parameters(), modules.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for (name, b), c in zip(gate.named_buffers(), modules.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+    if training:  # without autograd, in training mode: the compiled forward alone, which updates the statistics
+        with torch.no_grad():
+            got, want = gate.weights_for(y, pooled), modules.weights_for(y2, pooled2)
+        for a, b in zip(list(got) + list(gate.buffers()), list(want) + list(modules.buffers())):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_the_training_head_ops_reject_what_does_not_fit():
+    """Clear errors from the compiled training head for parameters of another gate, batch statistics of one
+    sample, and saved tensors that do not belong together."""
+    gate = _random_gate([16, 16], seed=0)
+    y, pooled = torch.randn(4, 16, 3, 3), [torch.randn(4, 16) for _ in range(2)]
+    bn = gate.bn
+    args = [gate.fc1.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, 0.1, 1e-5,
+            gate.fc2.weight, gate.fc2.bias, [16, 16]]
+    op = torch.ops.timm_denseres.gate_head_train
+    with pytest.raises(RuntimeError, match='parameters do not fit'):
+        op(y, pooled + pooled[:1], *args)
+    with pytest.raises(RuntimeError, match='more than one sample'):
+        op(y[:1], [p[:1] for p in pooled], *args)
+    v, w, *saved = op(y, pooled, *args)
+    with pytest.raises(RuntimeError, match='do not fit together'):
+        torch.ops.timm_denseres.gate_head_train_backward(None, None, v, w, *saved[:-1], saved[-1][:, 1:],
+                                                         gate.fc1.weight, bn.weight, True)
 
 
 def test_inputs_the_kernel_does_not_cover_fall_back():

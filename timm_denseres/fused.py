@@ -1,17 +1,25 @@
-"""A compiled CPU kernel for the end of a dense block (``csrc/gate_mix.cpp``): ``act(v * y + sum_k w_k * a_k)``
-and its global average in one pass over the maps, and the backward in one pass.
+"""Compiled CPU kernels for the dense block's gate (``csrc/``), used where they build, with the PyTorch operations
+of gate.py as their fallback and reference:
 
-Eager PyTorch has no operator for a weighted sum of several tensors: :func:`timm_denseres.gate.weighted_sum` makes
-a read-modify-write of the sum per inbound, and in backward a gradient pass per inbound; the activation and the
-global average (which the next N gates read) are passes of their own. For DenseResNet-110's 54 small blocks that is
-most of its extra time over ResNet-110 (README, *Speed*). The kernel gives the same numbers to 1e-5
-(tests/test_fused.py).
+- ``gate_mix.cpp``: the end of a dense block, ``act(v * y + sum_k w_k * a_k)`` and its global average in one pass
+  over the maps, and the backward in one pass. Eager PyTorch has no operator for a weighted sum of several
+  tensors: :func:`timm_denseres.gate.weighted_sum` makes a read-modify-write of the sum per inbound, and in
+  backward a gradient pass per inbound; the activation and the global average (which the next N gates read) are
+  passes of their own.
+- ``gate_head.cpp``: the gate's small layers, from y and the inbounds' means to (v, w), as one call in inference
+  and one call each way in training (with the BatchNorm's batch statistics and running-statistics update). As
+  PyTorch operations they are ten to twenty calls per block on vectors of a few thousand numbers, whose fixed
+  costs outweigh their arithmetic.
 
-The kernel is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 15 s on a
-2-core machine) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be built, with the environment
-variable ``TIMM_DENSERES_FUSED=0``, inside :func:`kernel_disabled`, or for inputs it does not cover (not CPU
-float32 contiguous NCHW, autocast, torch.fx tracing, TorchScript, torch.compile), :func:`gate_mix` returns None and
-the blocks use the PyTorch operations. CUDA runs the PyTorch operations (or torch.compile's fused code).
+For DenseResNet-110's 54 small blocks these are most of its extra time over ResNet-110 (README, *Speed*). The
+kernels give the same numbers to 1e-5 (tests/test_fused.py).
+
+The kernels are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on a
+2-core machine) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where they cannot be built, with the environment
+variable ``TIMM_DENSERES_FUSED=0``, inside :func:`kernel_disabled`, or for inputs they do not cover (not CPU
+float32 contiguous NCHW, autocast, torch.fx tracing, TorchScript, torch.compile), :func:`gate_mix`,
+:func:`gate_head_eval` and :func:`gate_head_train` return None and the blocks use the PyTorch operations. CUDA runs
+the PyTorch operations (or torch.compile's fused code).
 """
 import logging
 import os
@@ -25,10 +33,10 @@ from torch.autograd.function import once_differentiable
 
 from ._runtime import autocast_enabled, is_compiling
 
-__all__ = ['gate_head_eval', 'gate_mix', 'kernel_available', 'kernel_disabled']
+__all__ = ['gate_head_eval', 'gate_head_train', 'gate_mix', 'kernel_available', 'kernel_disabled']
 
 _LOGGER = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name('csrc') / 'gate_mix.cpp'
+_SOURCES = [Path(__file__).with_name('csrc') / name for name in ('gate_mix.cpp', 'gate_head.cpp')]
 _MAX_INBOUNDS = 64  # kMaxInbounds in the source
 # -fno-trapping-math: no floating-point exceptions to keep, so the compiler may turn the selects (ReLU, the
 # exp's range clamp) into vector blends and vectorise those loops; the numbers are the same
@@ -67,11 +75,11 @@ def _load_kernel() -> bool:
         return True
     try:
         from torch.utils.cpp_extension import load
-        _LOGGER.info('building the fused gate kernel %s (once; torch caches it)', _SOURCE.name)
+        _LOGGER.info('building the fused gate kernels %s (once; torch caches them)', [p.name for p in _SOURCES])
         # AVX2 where torch itself runs its AVX2 (or AVX-512) kernels; the name keeps the two builds apart in a
         # cache that several machines share
         avx2 = torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
-        load(name='timm_denseres_gate_mix' + ('_avx2' if avx2 else ''), sources=[str(_SOURCE)],
+        load(name='timm_denseres_gate_mix' + ('_avx2' if avx2 else ''), sources=[str(p) for p in _SOURCES],
              extra_cflags=_CFLAGS + (['-mavx2', '-mfma'] if avx2 else []), extra_ldflags=['-fopenmp'],
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, no write access to the cache, ...
@@ -146,3 +154,57 @@ def gate_head_eval(
     if any(t.dtype != torch.float32 for t in list(pooled) + list(folded)) or not kernel_available():
         return None
     return torch.ops.timm_denseres.gate_head_eval(y, pooled, *folded)
+
+
+class _GateHeadTrainFn(torch.autograd.Function):
+    """The gate's small layers from y and the inbounds' means to (v, w) as one autograd node over the compiled
+    ``gate_head_train`` and its backward. Inputs after the two flags: y, the n pooled means, then fc1's weight,
+    the BatchNorm's weight and bias, fc2's weight and bias (the parameters autograd gives gradients to)."""
+
+    @staticmethod
+    def forward(ctx, use_batch_stats: bool, stats: Tuple[torch.Tensor, torch.Tensor, float, float],
+                valid_channels: List[int], y: torch.Tensor, *rest: torch.Tensor):
+        *pooled, fc1, bn_weight, bn_bias, fc2, fc2_bias = rest
+        running_mean, running_var, momentum, eps = stats
+        v, w, *saved = torch.ops.timm_denseres.gate_head_train(
+            y, pooled, fc1, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps, fc2,
+            fc2_bias, valid_channels)
+        ctx.use_batch_stats, ctx.y_shape, ctx.fc_shapes = use_batch_stats, y.shape, (fc1.shape, fc2.shape)
+        ctx.save_for_backward(v, w, *saved, fc1, bn_weight)
+        return v, w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]):
+        grad_y_mean, *grads = torch.ops.timm_denseres.gate_head_train_backward(
+            grad_v, grad_w, *ctx.saved_tensors, ctx.use_batch_stats)
+        batch, channels, height, width = ctx.y_shape
+        # the mean's gradient is the (B, C) gradient broadcast over H, W: a view, which autograd adds in place into
+        # the full-size gradient y gets from the weighted sum
+        grad_y = grad_y_mean.div_(height * width).view(batch, channels, 1, 1).expand(ctx.y_shape)
+        *grad_pooled, grad_fc1, grad_bn_weight, grad_bn_bias, grad_fc2, grad_fc2_bias = grads
+        fc1_shape, fc2_shape = ctx.fc_shapes
+        return (None, None, None, grad_y, *grad_pooled, grad_fc1.view(fc1_shape), grad_bn_weight, grad_bn_bias,
+                grad_fc2.view(fc2_shape), grad_fc2_bias)
+
+
+def gate_head_train(
+        y: torch.Tensor, pooled: List[torch.Tensor], params: Tuple[torch.Tensor, ...],
+        stats: Tuple[torch.Tensor, torch.Tensor, float, float], use_batch_stats: bool, valid_channels: List[int],
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The gate's (v, w) through its own BatchNorm (training, or eval mode with autograd) by the compiled kernel,
+    differentiable, from y, the inbounds' means, ``params`` (fc1's weight, the BatchNorm's weight and bias, fc2's
+    weight and bias) and ``stats`` (the BatchNorm's running mean and variance, which it updates with
+    ``use_batch_stats``; momentum; eps). None where the kernel does not apply: the caller then runs
+    :class:`timm_denseres.gate._GateHeadFn` (PyTorch operations)."""
+    if _disabled[0] or y.device.type != 'cpu' or y.dim() != 4 or autocast_enabled('cpu'):
+        return None
+    tensors = [y] + list(pooled) + list(params) + list(stats[:2])
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or not kernel_available():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [y] + list(pooled) + list(params)):
+        return _GateHeadTrainFn.apply(use_batch_stats, stats, valid_channels, y, *pooled, *params)
+    v, w, *_ = torch.ops.timm_denseres.gate_head_train(
+        y, pooled, params[0], params[1], params[2], stats[0], stats[1], use_batch_stats, stats[2], stats[3],
+        params[3], params[4], valid_channels)
+    return v, w

@@ -12,8 +12,8 @@ matrix products with the BatchNorm folded in, :func:`_eval_head_forward`), and t
 pool of the history runs as a depthwise convolution (strided adds in inference). All of these give the numbers
 of the plain formula to 1e-5 (tests/test_gate_fast.py). Under TorchScript and torch.compile the gate is the
 plain formula over its modules. On CPU the blocks run the weighted sum, their activation and the output's mean,
-and in inference the gate's small layers, in a compiled kernel where it builds (fused.py); these functions are
-its fallback and reference.
+and the gate's small layers (forward and backward), in compiled kernels where they build (fused.py); these
+functions are their fallback and reference.
 """
 import math
 from typing import List, Optional, Tuple, Type
@@ -25,7 +25,7 @@ from timm.layers import register_notrace_module
 from torch.autograd.function import once_differentiable
 
 from ._runtime import autocast_enabled, hook_free, is_compiling
-from .fused import gate_head_eval
+from .fused import gate_head_eval, gate_head_train
 
 __all__ = [
     'DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'gate_hidden_channels', 'adjust_inbound', 'avg_pool_2x2',
@@ -476,9 +476,10 @@ class DenseGate(nn.Module):
 
         For callers that keep the pooled vector of each block output with the output: every output is then pooled
         once, not once by each of the N blocks that mix it. In eager mode the gate's small layers run as one
-        autograd node (:class:`_GateHeadFn`), and in inference (eval mode, no autograd) as two matrix products
-        with the BatchNorm folded in (:func:`_eval_head_forward`), unless something expects the modules
-        themselves: a hook on them, autocast, a tracer or the compiler.
+        autograd node (the compiled ``fused.gate_head_train`` where it builds, else :class:`_GateHeadFn`), and in
+        inference (eval mode, no autograd) as two matrix products with the BatchNorm folded in
+        (:func:`_eval_head_forward`), unless something expects the modules themselves: a hook on them, autocast,
+        a tracer or the compiler.
         """
         if torch.jit.is_scripting():
             return self.weights_from_pooled([global_avg_pool(y)] + inbounds_pooled)
@@ -489,7 +490,14 @@ class DenseGate(nn.Module):
                 folded = self._eval_head.get(self)
                 if folded is not None:
                     return _eval_head_forward(self, y, inbounds_pooled, folded)
-            use_batch_stats = self.bn.use_batch_stats(y.shape[0])
+            bn, fc1, fc2 = self.bn, self.fc1, self.fc2
+            use_batch_stats = bn.use_batch_stats(y.shape[0])
+            momentum = 0.0 if bn.momentum is None else bn.momentum
+            head = gate_head_train(
+                y, inbounds_pooled, (fc1.weight, bn.weight, bn.bias, fc2.weight, fc2.bias),
+                (bn.running_mean, bn.running_var, momentum, bn.eps), use_batch_stats, self.weights.valid_channels)
+            if head is not None:  # the same, in compiled code, where it builds (fused.py)
+                return head
             if not torch.is_grad_enabled():
                 v, w, _ = _gate_head_forward(self, y, inbounds_pooled, use_batch_stats)
                 return v, w

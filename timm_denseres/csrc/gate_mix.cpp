@@ -3,13 +3,13 @@
 // and its backward in one pass. v: (B, C); w: (B, n, C); inbound a_k: (B, c_k, H, W) with c_k <= C, standing for
 // itself zero-padded to C channels (it adds to its first c_k channels only). act: ReLU or none.
 // Eager PyTorch needs a read-modify-write of the sum per inbound, and a gradient plus an accumulation per inbound
-// in backward; here each map is read once. Python side and fallbacks: timm_denseres/fused.py.
+// in backward; here each map is read once. Python side and fallbacks: timm_denseres/fused.py. The gate's small
+// layers, which give v and w: gate_head.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -186,143 +186,15 @@ std::vector<at::Tensor> gate_mix_backward(
   return result;
 }
 
-constexpr float kExpMin = -87.33654f;  // ln of float32's smallest normal number
-constexpr float kExpMax = 88.37626f;   // ln of its largest
-
-// exp(x) to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n from the exponent bits);
-// x is clamped to [kExpMin, kExpMax], so 2^n stays a normal float. Pure arithmetic, so the loops that call it
-// vectorise: a libm call per element would cost more than the rest of the gate head.
-inline float exp_poly(float x) {
-  x = std::min(std::max(x, kExpMin), kExpMax);
-  // round x / ln2 to the nearest integer: adding 1.5 * 2^23 leaves no fraction bits (default rounding mode)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts: no rounding error in n ln2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// The gate's layers in inference, from y and the inbounds' means to (v, w), with the BatchNorm folded into fc1
-// and the padding mask as -inf in fc2's bias (timm_denseres/gate.py, _fold_eval_head):
-//   g = [mean_hw(y), pooled_1, ..., pooled_n];  logits = relu(g w1^T + b1) w2 + b2  (w1, w2: (M, (n + 1) C))
-//   v = sigmoid(logits[:, :C]);  w = softmax over k of logits[:, C:] viewed (B, n, C)
-// One parallel loop over the samples, in plain loops: each of the ten ATen operations it replaces costs tens of
-// microseconds after a block's convolutions (dispatch, a parallel region, cold code), more than its arithmetic.
-std::tuple<at::Tensor, at::Tensor> gate_head_eval(
-    const at::Tensor& y, const std::vector<at::Tensor>& pooled, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2) {
-  TORCH_CHECK(y.dim() == 4 && y.scalar_type() == at::kFloat && y.is_contiguous() && y.device().is_cpu(),
-              "gate_head_eval: y must be a contiguous float32 CPU tensor (B, C, H, W)");
-  const int64_t batch = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
-  const int64_t n = static_cast<int64_t>(pooled.size()), width = (n + 1) * channels;
-  for (const auto& p : pooled) {
-    TORCH_CHECK(p.sizes() == at::IntArrayRef({batch, channels}) && p.scalar_type() == at::kFloat &&
-                p.is_contiguous() && p.device().is_cpu(),
-                "gate_head_eval: each pooled inbound must be contiguous float32 (B, C)");
-  }
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == width && b1.dim() == 1 && b1.size(0) == w1.size(0) &&
-              w2.dim() == 2 && w2.size(0) == w1.size(0) && w2.size(1) == width && b2.dim() == 1 &&
-              b2.size(0) == width, "gate_head_eval: folded parameters do not fit (w1 ", w1.sizes(), ", w2 ",
-              w2.sizes(), ") for ", n, " inbounds of ", channels, " channels");
-  for (const auto* t : {&w1, &b1, &w2, &b2}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "gate_head_eval: the folded parameters must be contiguous float32 CPU tensors");
-  }
-  const int64_t hidden = w1.size(0);
-  at::Tensor v = at::empty({batch, channels}, y.options());
-  at::Tensor w = at::empty({batch, n, channels}, y.options());
-  const float* y_data = y.data_ptr<float>();
-  const float* w1_data = w1.data_ptr<float>();
-  const float* b1_data = b1.data_ptr<float>();
-  const float* w2_data = w2.data_ptr<float>();
-  const float* b2_data = b2.data_ptr<float>();
-  float* v_data = v.data_ptr<float>();
-  float* w_data = w.data_ptr<float>();
-  std::vector<const float*> pooled_data;
-  for (const auto& p : pooled) pooled_data.push_back(p.data_ptr<float>());
-  const float inv_hw = 1.0f / static_cast<float>(hw);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(channels * hw, 1));
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> g(width), h(hidden), logits(width), top(channels), total(channels);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t c = 0; c < channels; ++c) {
-        const float* y_row = y_data + (b * channels + c) * hw;
-        float total = 0.0f;
-        #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < hw; ++j) total += y_row[j];
-        g[c] = total * inv_hw;
-      }
-      for (int64_t k = 0; k < n; ++k) {
-        std::copy_n(pooled_data[k] + b * channels, channels, g.data() + (k + 1) * channels);
-      }
-      // fc1 as one dot product per hidden unit: independent sums (accumulating into h along the inputs would
-      // chain every step through memory)
-      for (int64_t m = 0; m < hidden; ++m) {
-        const float* w1_row = w1_data + m * width;
-        float dot = 0.0f;
-        #pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < width; ++i) dot += g[i] * w1_row[i];
-        h[m] = b1_data[m] + dot;
-      }
-      std::copy_n(b2_data, width, logits.data());
-      for (int64_t m = 0; m < hidden; ++m) {
-        const float h_m = h[m] > 0.0f ? h[m] : 0.0f;  // ReLU
-        const float* w2_row = w2_data + m * width;
-        #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) logits[j] += h_m * w2_row[j];
-      }
-      float* v_row = v_data + b * channels;
-      #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) v_row[c] = 1.0f / (1.0f + exp_poly(-logits[c]));
-      // softmax over the inbounds, per channel (the loops run along the channels, so they vectorise); a weight
-      // below float32's normal range is 0, so a -inf logit (padding) gets weight exactly 0
-      float* w_sample = w_data + b * n * channels;
-      const float* w_logits = logits.data() + channels;
-      std::copy_n(w_logits, channels, top.data());
-      for (int64_t k = 1; k < n; ++k) {
-        #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) top[c] = std::max(top[c], w_logits[k * channels + c]);
-      }
-      std::fill(total.begin(), total.end(), 0.0f);
-      for (int64_t k = 0; k < n; ++k) {
-        #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          const float d = w_logits[k * channels + c] - top[c];
-          const float e = d < kExpMin ? 0.0f : exp_poly(d);
-          w_sample[k * channels + c] = e;
-          total[c] += e;
-        }
-      }
-      #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) total[c] = 1.0f / total[c];
-      for (int64_t k = 0; k < n; ++k) {
-        #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) w_sample[k * channels + c] *= total[c];
-      }
-    }
-  });
-  return {v, w};
-}
-
 }  // namespace
 
 TORCH_LIBRARY(timm_denseres, m) {
   m.def("gate_mix(Tensor y, Tensor v, Tensor w, Tensor[] inbounds, bool relu, bool inplace) -> (Tensor, Tensor)");
   m.def("gate_mix_backward(Tensor grad, Tensor? grad_mean, Tensor out, Tensor y, Tensor v, Tensor w, "
         "Tensor[] inbounds, bool relu) -> Tensor[]");
-  m.def("gate_head_eval(Tensor y, Tensor[] pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(timm_denseres, CPU, m) {
   m.impl("gate_mix", &gate_mix);
   m.impl("gate_mix_backward", &gate_mix_backward);
-  m.impl("gate_head_eval", &gate_head_eval);
 }
