@@ -14,7 +14,7 @@ of gate.py as their fallback and reference:
 For DenseResNet-110's 54 small blocks these are most of its extra time over ResNet-110 (README, *Speed*). The
 kernels give the same numbers to 1e-5 (tests/test_fused.py).
 
-The kernels are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on a
+The kernels are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 15 s on a
 2-core machine) and cached by torch (``TORCH_EXTENSIONS_DIR``). Where they cannot be built, with the environment
 variable ``TIMM_DENSERES_FUSED=0``, inside :func:`kernel_disabled`, or for inputs they do not cover (not CPU
 float32 contiguous NCHW, autocast, torch.fx tracing, TorchScript, torch.compile), :func:`gate_mix`,
@@ -112,16 +112,20 @@ class _GateMixFn(torch.autograd.Function):
 
 
 def _covered(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> bool:
-    if y.device.type != 'cpu' or y.dim() != 4 or len(inbounds) > _MAX_INBOUNDS or autocast_enabled('cpu'):
+    # runs once per block and forward: plain attribute tests, one pass over the inbounds
+    if not y.is_cpu or y.dim() != 4 or len(inbounds) > _MAX_INBOUNDS or autocast_enabled('cpu'):
         return False
     batch, channels, height, width = y.shape
     if v.shape != (batch, channels) or w.shape != (batch, len(inbounds), channels):
         return False
-    for t in [y, v, w] + inbounds:
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != 'cpu':
+    for t in (y, v, w):
+        if t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu:
             return False
-    return all(a.dim() == 4 and a.shape[0] == batch and a.shape[1] <= channels and a.shape[2:] == y.shape[2:]
-               for a in inbounds)
+    for a in inbounds:
+        if (a.dtype != torch.float32 or not a.is_contiguous() or not a.is_cpu or a.dim() != 4
+                or a.shape[0] != batch or a.shape[1] > channels or a.shape[2] != height or a.shape[3] != width):
+            return False
+    return True
 
 
 def gate_mix(
