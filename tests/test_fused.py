@@ -231,6 +231,29 @@ def test_the_training_head_ops_reject_what_does_not_fit():
                                                          gate.fc1.weight, bn.weight, True)
 
 
+@needs_kernel
+def test_nan_propagates_as_with_pytorch_ops():
+    """A NaN stays a NaN, as with torch's relu, sigmoid and softmax (a diverged run must not look healthy): in the
+    block's end, in the inference head and in the training head."""
+    assert fused.kernel_available()
+    y, v, w = torch.randn(2, 4, 3, 3), torch.rand(2, 4), torch.rand(2, 1, 4)
+    y[0, 1, 2, 2] = float('nan')
+    out, mean = torch.ops.timm_denseres.gate_mix(y, v, w, [torch.randn(2, 4, 3, 3)], True, False)
+    assert out[0, 1, 2, 2].isnan() and mean[0, 1].isnan() and not out[0, 1, :2].isnan().any()
+    gate = _random_gate([16, 16], seed=1)
+    y, pooled = torch.randn(3, 16, 3, 3), [torch.randn(3, 16) for _ in range(2)]
+    pooled[1][1, 5] = float('nan')
+    for training in (False, True):
+        gate.train(training)
+        with torch.no_grad():
+            with _compiled_ops_run() as ran:
+                v, w = gate.weights_for(y, pooled)
+        assert {'timm_denseres::gate_head_eval', 'timm_denseres::gate_head_train'} & ran
+        assert v[1].isnan().all() and w[1].isnan().all()  # sample 1's gate input has a NaN
+        if not training:  # batch statistics mix the samples, so there the NaN reaches every sample, as in torch
+            assert not v[[0, 2]].isnan().any() and not w[[0, 2]].isnan().any()
+
+
 def test_inputs_the_kernel_does_not_cover_fall_back():
     """None (the caller then uses PyTorch operations) for what the kernel does not cover."""
     y, v, w = torch.randn(2, 4, 5, 5), torch.rand(2, 4), torch.rand(2, 1, 4)

@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> gate_head_eval(
         // fc1 as one dot product per hidden unit: independent sums (accumulating a row of h along the inputs would
         // chain every step through memory)
         const float h_m = b1_data[m] + dot(g.data(), w1_data + m * s.width, s.width);
-        axpy(h_m > 0.0f ? h_m : 0.0f, w2_data + m * s.width, logits.data(), s.width);  // ReLU, fc2
+        axpy(h_m < 0.0f ? 0.0f : h_m, w2_data + m * s.width, logits.data(), s.width);  // ReLU (keeps NaN), fc2
       }
       gates_from_logits(logits.data(), s.channels, s.n, v_data + b * s.channels, w_data + b * s.n * s.channels,
                         top.data(), total.data());
@@ -235,7 +235,7 @@ std::vector<at::Tensor> gate_head_train(
     #pragma omp simd
     for (int64_t m = 0; m < s.hidden; ++m) {
       const float norm = (h_data[b * s.hidden + m] - mean_data[m]) * invstd_data[m] * gamma[m] + beta[m];
-      r_data[b * s.hidden + m] = norm > 0.0f ? norm : 0.0f;
+      r_data[b * s.hidden + m] = norm < 0.0f ? 0.0f : norm;  // ReLU, keeps NaN as torch's
     }
   }
   float* fc2_t_data = fc2_t.data_ptr<float>();

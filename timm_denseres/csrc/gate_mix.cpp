@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> gate_mix(
         }
         if (relu) {
           #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] > 0.0f ? acc[j] : 0.0f;
+          for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] < 0.0f ? 0.0f : acc[j];  // keeps NaN, as torch.relu
         }
         #pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < len; ++j) {
