@@ -78,8 +78,9 @@ def _step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
         model(x).float().logsumexp(1).mean().backward()
 
 
-def _ms_per_step(model: torch.nn.Module, x: torch.Tensor, mode: str, min_time: float) -> float:
-    _step(model, x, mode)  # warm-up
+def _ms_per_step(model: torch.nn.Module, x: torch.Tensor, mode: str, min_time: float, warmup: int) -> float:
+    for _ in range(warmup):  # after a change of variant the allocator settles over a few steps
+        _step(model, x, mode)
     return 1e3 / timed(lambda: _step(model, x, mode), x.device, min_time, time.perf_counter)
 
 
@@ -96,8 +97,8 @@ def measure(args) -> Dict[str, Dict[str, float]]:
         for _ in range(args.repeats):
             for variant in VARIANTS:
                 with stand_ins(variant):
-                    times[variant].append(_ms_per_step(dense, x, mode, args.min_time))
-            times['baseline'].append(_ms_per_step(base, x, mode, args.min_time))
+                    times[variant].append(_ms_per_step(dense, x, mode, args.min_time, args.warmup))
+            times['baseline'].append(_ms_per_step(base, x, mode, args.min_time, args.warmup))
         result[mode] = {name: statistics.median(t) for name, t in times.items()}
     return result
 
@@ -125,6 +126,7 @@ def parse_args(argv=None):
     parser.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps before each timing')
     parser.add_argument('--malloc', choices=['default', 'steady'], default='steady',
                         help="'steady': glibc keeps freed memory, as in benchmark.py (run as a script, it restarts "
                              "itself with the setting)")
