@@ -100,19 +100,24 @@ def test_the_ops_reject_what_they_do_not_cover():
         torch.ops.timm_denseres.gate_mix_backward(out[:, :2], None, out, y, v, w, [a], True)
 
 
-@needs_kernel
-@pytest.mark.parametrize('valid', [[16, 16, 16], [16, 8, 16, 8], [16]])  # padded (masked) inbound channels
-def test_inference_gate_head_matches_the_modules(valid):
-    """The gate's (v, w) in inference by the compiled head, against the gate's modules (its BatchNorm with
-    running statistics, the padding mask): to 1e-5, and the compiled op is what ran."""
-    torch.manual_seed(0)
+def _random_gate(valid, seed):
+    """A DenseGate with random parameters and running statistics (not the initial ones, which hide mistakes)."""
+    torch.manual_seed(seed)
     gate = DenseGate(16, len(valid), 2, valid)
     with torch.no_grad():
         for p in gate.parameters():
             p.normal_(0, 0.5)
         gate.bn.running_mean.normal_(0, 0.3)
         gate.bn.running_var.uniform_(0.5, 2.0)
-    gate.eval()
+    return gate
+
+
+@needs_kernel
+@pytest.mark.parametrize('valid', [[16, 16, 16], [16, 8, 16, 8], [16]])  # padded (masked) inbound channels
+def test_inference_gate_head_matches_the_modules(valid):
+    """The gate's (v, w) in inference by the compiled head, against the gate's modules (its BatchNorm with
+    running statistics, the padding mask): to 1e-5, and the compiled op is what ran."""
+    gate = _random_gate(valid, seed=0).eval()
     y = torch.randn(4, 16, 6, 6)
     pooled = [torch.randn(4, 16) for _ in valid]
     with torch.no_grad():
@@ -152,18 +157,6 @@ def test_inference_gate_head_sigmoid_and_softmax_over_the_float_range():
     torch.testing.assert_close(w, want_w.expand(2, -1, -1), rtol=1e-6, atol=tiny)
     assert torch.isfinite(v).all() and torch.isfinite(w).all()
     torch.testing.assert_close(w.sum(1), torch.ones(2, channels))
-
-
-def _random_gate(valid, seed):
-    """A DenseGate with random parameters and running statistics (not the initial ones, which hide mistakes)."""
-    torch.manual_seed(seed)
-    gate = DenseGate(16, len(valid), 2, valid)
-    with torch.no_grad():
-        for p in gate.parameters():
-            p.normal_(0, 0.5)
-        gate.bn.running_mean.normal_(0, 0.3)
-        gate.bn.running_var.uniform_(0.5, 2.0)
-    return gate
 
 
 @needs_kernel
