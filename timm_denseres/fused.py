@@ -153,7 +153,7 @@ def gate_head_eval(
     """The gate's (v, w) in inference by the compiled kernel, from y, the inbounds' means and the folded
     parameters ``(w1, b1, w2, b2)`` of :func:`timm_denseres.gate._fold_eval_head`; None where it does not apply
     (the caller then runs the same two matrix products as PyTorch operations)."""
-    if _disabled[0] or y.device.type != 'cpu' or y.dtype != torch.float32 or y.dim() != 4 or not y.is_contiguous():
+    if _disabled[0] or not y.is_cpu or y.dtype != torch.float32 or y.dim() != 4 or not y.is_contiguous():
         return None
     if any(t.dtype != torch.float32 for t in list(pooled) + list(folded)) or not kernel_available():
         return None
@@ -201,7 +201,7 @@ def gate_head_train(
     weight and bias) and ``stats`` (the BatchNorm's running mean and variance, which it updates with
     ``use_batch_stats``; momentum; eps). None where the kernel does not apply: the caller then runs
     :class:`timm_denseres.gate._GateHeadFn` (PyTorch operations)."""
-    if _disabled[0] or y.device.type != 'cpu' or y.dim() != 4 or autocast_enabled('cpu'):
+    if _disabled[0] or not y.is_cpu or y.dim() != 4 or autocast_enabled('cpu'):
         return None
     tensors = [y] + list(pooled) + list(params) + list(stats[:2])
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors) or not kernel_available():

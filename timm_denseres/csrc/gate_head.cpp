@@ -63,8 +63,9 @@ void transpose(const float* in, float* out, int64_t rows, int64_t cols) {
   }
 }
 
-// Samples per task of at::parallel_for: about 32k numbers of work each, so small heads run in one thread.
-int64_t grain_samples(int64_t work_per_sample) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_sample, 1)); }
+// Items (samples or hidden units) per task of at::parallel_for: about 32k numbers of work each, so small heads
+// run in one thread.
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
 
 void check_float_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), "gate head: ", what,
@@ -128,7 +129,8 @@ HeadShape check_head(const char* op, const at::Tensor& y, const std::vector<at::
   s.width = (s.n + 1) * s.channels;
   for (const auto& p : pooled) {
     TORCH_CHECK(p.sizes() == at::IntArrayRef({s.batch, s.channels}) && p.scalar_type() == at::kFloat &&
-                p.is_contiguous() && p.device().is_cpu(), op, ": each pooled inbound must be contiguous float32 (B, C)");
+                p.is_contiguous() && p.device().is_cpu(), op,
+                ": each pooled inbound must be contiguous float32 (B, C)");
   }
   return s;
 }
@@ -152,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> gate_head_eval(
   float *v_data = v.data_ptr<float>(), *w_data = w.data_ptr<float>();
   std::vector<const float*> pooled_data;
   for (const auto& p : pooled) pooled_data.push_back(p.data_ptr<float>());
-  at::parallel_for(0, s.batch, grain_samples(s.channels * s.hw), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch, grain_for(s.channels * s.hw), [&](int64_t begin, int64_t end) {
     std::vector<float> g(s.width), logits(s.width), top(s.channels), total(s.channels);
     for (int64_t b = begin; b < end; ++b) {
       gate_input(y_data, pooled_data, b, s.channels, s.hw, g.data());
@@ -201,7 +203,7 @@ std::vector<at::Tensor> gate_head_train(
   float *g_data = g.data_ptr<float>(), *h_data = h.data_ptr<float>(), *r_data = r.data_ptr<float>();
   std::vector<const float*> pooled_data;
   for (const auto& p : pooled) pooled_data.push_back(p.data_ptr<float>());
-  at::parallel_for(0, s.batch, grain_samples(s.channels * s.hw + s.width * s.hidden), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch, grain_for(s.channels * s.hw + s.width * s.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       float* g_row = g_data + b * s.width;
       gate_input(y_data, pooled_data, b, s.channels, s.hw, g_row);
@@ -248,11 +250,13 @@ std::vector<at::Tensor> gate_head_train(
     }
   }
   float *v_data = v.data_ptr<float>(), *w_data = w.data_ptr<float>();
-  at::parallel_for(0, s.batch, grain_samples(s.width * s.hidden), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.batch, grain_for(s.width * s.hidden), [&](int64_t begin, int64_t end) {
     std::vector<float> logits(s.width), top(s.channels), total(s.channels);
     for (int64_t b = begin; b < end; ++b) {
       std::copy(mask_bias.begin(), mask_bias.end(), logits.begin());
-      for (int64_t m = 0; m < s.hidden; ++m) axpy(r_data[b * s.hidden + m], fc2_t_data + m * s.width, logits.data(), s.width);
+      for (int64_t m = 0; m < s.hidden; ++m) {
+        axpy(r_data[b * s.hidden + m], fc2_t_data + m * s.width, logits.data(), s.width);
+      }
       gates_from_logits(logits.data(), s.channels, s.n, v_data + b * s.channels, w_data + b * s.n * s.channels,
                         top.data(), total.data());
     }
@@ -274,7 +278,9 @@ std::vector<at::Tensor> gate_head_train_backward(
               invstd.numel() == hidden && fc2_t.sizes() == at::IntArrayRef({hidden, width}) &&
               fc1.numel() == hidden * width && bn_weight.numel() == hidden,
               "gate_head_train_backward: the saved tensors do not fit together");
-  for (const auto* t : {&v, &w, &g, &h, &r, &mean, &invstd, &fc2_t, &fc1, &bn_weight}) check_float_cpu(*t, "each input");
+  for (const auto* t : {&v, &w, &g, &h, &r, &mean, &invstd, &fc2_t, &fc1, &bn_weight}) {
+    check_float_cpu(*t, "each input");
+  }
   const bool has_grad_v = grad_v.has_value() && grad_v->defined(), has_grad_w = grad_w.has_value() && grad_w->defined();
   if (has_grad_v) TORCH_CHECK(grad_v->sizes() == v.sizes(), "gate_head_train_backward: grad_v must be shaped like v");
   if (has_grad_w) TORCH_CHECK(grad_w->sizes() == w.sizes(), "gate_head_train_backward: grad_w must be shaped like w");
@@ -287,7 +293,7 @@ std::vector<at::Tensor> gate_head_train_backward(
   const float* fc2_t_data = fc2_t.data_ptr<float>();
   float *gl_data = grad_logits.data_ptr<float>(), *gr_data = grad_r.data_ptr<float>();
   // per sample: the logits' gradient (sigmoid's and softmax's backward), then fc2's input gradient through ReLU
-  at::parallel_for(0, batch, grain_samples(width * hidden), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for(width * hidden), [&](int64_t begin, int64_t end) {
     std::vector<float> weighted(channels);
     for (int64_t b = begin; b < end; ++b) {
       float* gl = gl_data + b * width;
@@ -343,7 +349,7 @@ std::vector<at::Tensor> gate_head_train_backward(
   at::Tensor grad_fc2_bias = at::zeros({width}, opts);
   const float* g_data = g.data_ptr<float>();
   float *gfc2_t = grad_fc2_t.data_ptr<float>(), *gfc1 = grad_fc1.data_ptr<float>();
-  at::parallel_for(0, hidden, grain_samples(2 * batch * width), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, hidden, grain_for(2 * batch * width), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t b = 0; b < batch; ++b) {
         axpy(r_data[b * hidden + m], gl_data + b * width, gfc2_t + m * width, width);
@@ -361,7 +367,7 @@ std::vector<at::Tensor> gate_head_train_backward(
   std::vector<float*> part_data;
   for (const auto& t : result) part_data.push_back(t.data_ptr<float>());
   const float* fc1_data = fc1.data_ptr<float>();
-  at::parallel_for(0, batch, grain_samples(width * hidden), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, grain_for(width * hidden), [&](int64_t begin, int64_t end) {
     std::vector<float> grad_g(width);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(grad_g.begin(), grad_g.end(), 0.0f);
