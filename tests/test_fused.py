@@ -1,6 +1,7 @@
-"""The compiled CPU kernel for the end of a dense block (timm_denseres/fused.py, csrc/gate_mix.cpp): the same numbers
-as the PyTorch operations (to 1e-5, forward and backward), used by the models where it applies and only there, and
-a clean fallback where it cannot be built."""
+"""The compiled CPU kernels (timm_denseres/fused.py): the end of a dense block (csrc/gate_mix.cpp) and the gate head
+(csrc/gate_head.cpp), in inference and in training. The same numbers as the PyTorch operations (to 1e-5, forward
+and backward), used by the models where they apply and only there, and a clean fallback where they cannot be
+built."""
 import copy
 import os
 import shutil
