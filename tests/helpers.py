@@ -1,4 +1,5 @@
-"""Small shared helpers for the tests: which models the plugin registers, and inputs sized for them."""
+"""Small shared helpers for the tests: which models the plugin registers, inputs sized for them, and gates and
+modules with random (non-trivial) weights."""
 import math
 from typing import List, Tuple
 
@@ -8,6 +9,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg_value, model_entrypoint
 
 import timm_denseres  # noqa: F401  registers the models
+from timm_denseres.gate import DenseGate
 
 PLUGIN_PACKAGE = 'timm_denseres'
 
@@ -64,3 +66,23 @@ def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model.eval()
+
+
+def randomise(module: nn.Module, seed: int) -> None:
+    """Non-trivial weights and BN statistics everywhere (the default init zeroes the last BN of each branch)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() == 1 else 0.1))
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+
+
+def make_gate(channels: int, valid: List[int], reduction: int, seed: int) -> DenseGate:
+    """A DenseGate with :func:`randomise`'s weights and statistics; ``valid``: each inbound's real channels."""
+    torch.manual_seed(seed)
+    gate = DenseGate(channels, len(valid), reduction, valid)
+    randomise(gate, seed)
+    return gate

@@ -17,6 +17,7 @@ import torch
 from torch.utils.cpp_extension import is_ninja_available
 
 import timm_denseres  # noqa: F401  registers the models
+from helpers import make_gate
 from timm_denseres import fused
 from timm_denseres.gate import DenseGate, global_avg_pool, weighted_sum
 
@@ -101,24 +102,12 @@ def test_the_ops_reject_what_they_do_not_cover():
         torch.ops.timm_denseres.gate_mix_backward(out[:, :2], None, out, y, v, w, [a], True)
 
 
-def _random_gate(valid, seed):
-    """A DenseGate with random parameters and running statistics (not the initial ones, which hide mistakes)."""
-    torch.manual_seed(seed)
-    gate = DenseGate(16, len(valid), 2, valid)
-    with torch.no_grad():
-        for p in gate.parameters():
-            p.normal_(0, 0.5)
-        gate.bn.running_mean.normal_(0, 0.3)
-        gate.bn.running_var.uniform_(0.5, 2.0)
-    return gate
-
-
 @needs_kernel
 @pytest.mark.parametrize('valid', [[16, 16, 16], [16, 8, 16, 8], [16]])  # padded (masked) inbound channels
 def test_inference_gate_head_matches_the_modules(valid):
     """The gate's (v, w) in inference by the compiled head, against the gate's modules (its BatchNorm with
     running statistics, the padding mask): to 1e-5, and the compiled op is what ran."""
-    gate = _random_gate(valid, seed=0).eval()
+    gate = make_gate(16, valid, 2, seed=0).eval()
     y = torch.randn(4, 16, 6, 6)
     pooled = [torch.randn(4, 16) for _ in valid]
     with torch.no_grad():
@@ -169,7 +158,7 @@ def test_training_gate_head_matches_the_modules(training, batch, valid, wanted):
     mode with gradients) against the gate's modules: (v, w); the gradients of y, of the inbounds' means and of every
     parameter; the BatchNorm's running statistics and batch count, to 1e-5; and the compiled ops are what ran.
     Then without autograd in the same mode: the same (v, w) and statistics."""
-    gate = _random_gate(valid, seed=7).train(training)
+    gate = make_gate(16, valid, 2, seed=7).train(training)
     modules = copy.deepcopy(gate)
     modules.weights.register_forward_hook(lambda *_: None)  # a hook: this one calls its modules
     gen = torch.Generator().manual_seed(7)
@@ -209,7 +198,7 @@ def test_training_gate_head_matches_the_modules(training, batch, valid, wanted):
 def test_the_training_head_ops_reject_what_does_not_fit():
     """Clear errors from the compiled training head for parameters of another gate, batch statistics of one
     sample, and saved tensors that do not belong together."""
-    gate = _random_gate([16, 16], seed=0)
+    gate = make_gate(16, [16, 16], 2, seed=0)
     y, pooled = torch.randn(4, 16, 3, 3), [torch.randn(4, 16) for _ in range(2)]
     bn = gate.bn
     args = [gate.fc1.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, 0.1, 1e-5,
@@ -234,7 +223,7 @@ def test_nan_propagates_as_with_pytorch_ops():
     y[0, 1, 2, 2] = float('nan')
     out, mean = torch.ops.timm_denseres.gate_mix(y, v, w, [torch.randn(2, 4, 3, 3)], True, False)
     assert out[0, 1, 2, 2].isnan() and mean[0, 1].isnan() and not out[0, 1, :2].isnan().any()
-    gate = _random_gate([16, 16], seed=1)
+    gate = make_gate(16, [16, 16], 2, seed=1)
     y, pooled = torch.randn(3, 16, 3, 3), [torch.randn(3, 16) for _ in range(2)]
     pooled[1][1, 5] = float('nan')
     for training in (False, True):

@@ -14,6 +14,7 @@ from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_denseres  # noqa: F401  registers the models
+from helpers import make_gate, randomise
 from timm_denseres.fused import kernel_disabled
 from timm_denseres.gate import DenseGate, avg_pool_2x2, weighted_sum_lean_backward
 
@@ -99,18 +100,6 @@ def reference_densemobilenetv2(model: nn.Module, x: torch.Tensor) -> torch.Tenso
 # helpers
 
 
-def _randomise(module: nn.Module, seed: int) -> None:
-    """Non-trivial weights and BN statistics everywhere (the default init zeroes the last BN of each branch)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() == 1 else 0.1))
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-
-
 def _assert_grads_close(fast: nn.Module, ref: nn.Module) -> None:
     for (name, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters()):
         assert (p.grad is None) == (q.grad is None), name
@@ -122,13 +111,6 @@ def _assert_grads_close(fast: nn.Module, ref: nn.Module) -> None:
 def _assert_buffers_equal(fast: nn.Module, ref: nn.Module) -> None:
     for (name, b), (_, c) in zip(fast.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b, c, **TOL, msg=name)
-
-
-def _make_gate(channels: int, valid: List[int], reduction: int, seed: int) -> DenseGate:
-    torch.manual_seed(seed)
-    gate = DenseGate(channels, len(valid), reduction, valid)
-    _randomise(gate, seed)
-    return gate
 
 
 def _inputs(batch: int, channels: int, valid: List[int], size: Tuple[int, int], seed: int,
@@ -170,7 +152,7 @@ def test_gate_matches_reference(channels, valid, size, reduction, training, batc
     hook on ``gate.weights``, as ``record_gates`` registers, makes the gate call its modules). ``narrow``: the
     zero-padded inbounds are given without their padding (as the models keep their history), the reference
     gets them padded."""
-    fast = _make_gate(channels, valid, reduction, seed=channels + len(valid)).train(training)
+    fast = make_gate(channels, valid, reduction, seed=channels + len(valid)).train(training)
     ref = copy.deepcopy(fast)
     seen = []
     if inspect:
@@ -205,7 +187,7 @@ def test_gate_matches_reference(channels, valid, size, reduction, training, batc
 
 def test_split_api_and_pooled_api_match_forward():
     """compute_weights + mix and weights_from_pooled (the split API) give forward's result."""
-    gate = _make_gate(32, [32, 16, 32], 2, seed=0).eval()
+    gate = make_gate(32, [32, 16, 32], 2, seed=0).eval()
     y, *inbounds = _inputs(2, 32, [32, 16, 32], (6, 7), seed=0)
     with torch.no_grad():
         out = gate(y, inbounds)
@@ -228,7 +210,7 @@ def test_fused_gate_head_equals_the_modules_exactly(training, batch, valid):
 
 
 def _check_gate_head_equals_the_modules_exactly(training, batch, valid):
-    fused = _make_gate(16, valid, 2, seed=5).train(training)
+    fused = make_gate(16, valid, 2, seed=5).train(training)
     modules = copy.deepcopy(fused)
     gen = torch.Generator().manual_seed(5)
     y = torch.randn(batch, 16, 5, 6, generator=gen, requires_grad=True)
@@ -276,7 +258,7 @@ def test_folded_eval_head_follows_every_change_of_the_gate():
     """The inference head folds the BatchNorm into fc1 once and keeps it: it must be made again after an in-place
     change (an optimizer step, load_state_dict), a replaced parameter or a dtype change, and it must match the
     modules' result each time."""
-    gate = _make_gate(16, [16, 8, 16], 2, seed=3).eval()
+    gate = make_gate(16, [16, 8, 16], 2, seed=3).eval()
     gen = torch.Generator().manual_seed(3)
     y = torch.randn(4, 16, 5, 5, generator=gen)
     pooled = [torch.randn(4, 16, generator=gen) for _ in range(3)]
@@ -327,7 +309,7 @@ def test_inference_mix_reuses_only_a_temporary_branch_output():
 
 def test_partial_gradients():
     """Only some inputs need a gradient (frozen gate, detached inbound): the others get none, the rest match."""
-    gate = _make_gate(16, [16, 8, 16], 2, seed=3).train()
+    gate = make_gate(16, [16, 8, 16], 2, seed=3).train()
     for p in gate.parameters():
         p.requires_grad_(False)
     ref = copy.deepcopy(gate)
@@ -344,7 +326,7 @@ def test_partial_gradients():
 def test_autocast_bfloat16_matches_reference():
     """Under CPU autocast the gate's dtypes mix (bf16 maps, fp32 softmax); the fast path promotes like the
     straightforward formula does."""
-    gate = _make_gate(16, [16, 8], 2, seed=5).eval()
+    gate = make_gate(16, [16, 8], 2, seed=5).eval()
     y, a1, a2 = (t.detach().bfloat16() for t in _inputs(2, 16, [16, 8], (4, 4), seed=5))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = gate(y, [a1, a2])
@@ -372,7 +354,7 @@ def _step(model: nn.Module, forward, x: torch.Tensor):
 def test_denseresnet_matches_reference_forward(name, size, training):
     torch.manual_seed(0)
     fast = timm.create_model(name).double()
-    _randomise(fast, seed=size)
+    randomise(fast, seed=size)
     fast.train(training)
     ref = copy.deepcopy(fast)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
@@ -388,7 +370,7 @@ def test_denseresnet_matches_reference_forward(name, size, training):
 def test_densemobilenetv2_matches_reference_forward(training):
     torch.manual_seed(0)
     fast = timm.create_model('densemobilenetv2_n4').double()
-    _randomise(fast, seed=4)
+    randomise(fast, seed=4)
     fast.train(training)
     ref = copy.deepcopy(fast)
     x = torch.randn(2, 3, 65, 65, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -453,7 +435,7 @@ def test_fx_traced_model_keeps_the_fast_functions_and_matches_eager(training):
     and the traced network equals eager, gradients included."""
     torch.manual_seed(0)
     model = timm.create_model('denseresnet110_n2').double()
-    _randomise(model, seed=1)
+    randomise(model, seed=1)
     model.train(training)
     twin = copy.deepcopy(model)
     traced = _fx_model(model).train(training)
@@ -472,7 +454,7 @@ def test_torchscript_trains_like_eager():
     torch.manual_seed(0)
     with timm.layers.set_scriptable(True):
         model = timm.create_model('denseresnet110_n2').double()
-    _randomise(model, seed=2)
+    randomise(model, seed=2)
     model.train()
     twin = copy.deepcopy(model)
     scripted = torch.jit.script(model)
@@ -490,7 +472,7 @@ def test_torch_compile_trains_like_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = timm.create_model('denseresnet110_n2', layers=(2, 2, 2)).double()
-    _randomise(model, seed=3)
+    randomise(model, seed=3)
     model.train()
     twin = copy.deepcopy(model)
     compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
