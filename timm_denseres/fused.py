@@ -160,6 +160,17 @@ def gate_head_eval(
     return torch.ops.timm_denseres.gate_head_eval(y, pooled, *folded)
 
 
+def _gate_head_train_op(use_batch_stats: bool, stats: Tuple[torch.Tensor, torch.Tensor, float, float],
+                        valid_channels: List[int], y: torch.Tensor, pooled: List[torch.Tensor],
+                        params: Tuple[torch.Tensor, ...]) -> List[torch.Tensor]:
+    """``torch.ops.timm_denseres.gate_head_train`` from :func:`gate_head_train`'s arguments: [v, w, saved...]."""
+    fc1, bn_weight, bn_bias, fc2, fc2_bias = params
+    running_mean, running_var, momentum, eps = stats
+    return torch.ops.timm_denseres.gate_head_train(
+        y, pooled, fc1, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps, fc2, fc2_bias,
+        valid_channels)
+
+
 class _GateHeadTrainFn(torch.autograd.Function):
     """The gate's small layers from y and the inbounds' means to (v, w) as one autograd node over the compiled
     ``gate_head_train`` and its backward. Inputs after the two flags: y, the n pooled means, then fc1's weight,
@@ -168,11 +179,9 @@ class _GateHeadTrainFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, use_batch_stats: bool, stats: Tuple[torch.Tensor, torch.Tensor, float, float],
                 valid_channels: List[int], y: torch.Tensor, *rest: torch.Tensor):
-        *pooled, fc1, bn_weight, bn_bias, fc2, fc2_bias = rest
-        running_mean, running_var, momentum, eps = stats
-        v, w, *saved = torch.ops.timm_denseres.gate_head_train(
-            y, pooled, fc1, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps, fc2,
-            fc2_bias, valid_channels)
+        pooled, params = list(rest[:-5]), rest[-5:]
+        fc1, bn_weight, _, fc2, _ = params
+        v, w, *saved = _gate_head_train_op(use_batch_stats, stats, valid_channels, y, pooled, params)
         ctx.use_batch_stats, ctx.y_shape, ctx.fc_shapes = use_batch_stats, y.shape, (fc1.shape, fc2.shape)
         ctx.save_for_backward(v, w, *saved, fc1, bn_weight)
         return v, w
@@ -208,7 +217,5 @@ def gate_head_train(
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in [y] + list(pooled) + list(params)):
         return _GateHeadTrainFn.apply(use_batch_stats, stats, valid_channels, y, *pooled, *params)
-    v, w, *_ = torch.ops.timm_denseres.gate_head_train(
-        y, pooled, params[0], params[1], params[2], stats[0], stats[1], use_batch_stats, stats[2], stats[3],
-        params[3], params[4], valid_channels)
+    v, w, *_ = _gate_head_train_op(use_batch_stats, stats, valid_channels, y, pooled, params)
     return v, w

@@ -229,9 +229,8 @@ def _gate_head_forward(gate: 'DenseGate', y: torch.Tensor, pooled: List[torch.Te
     w1 = gate.fc1.weight.flatten(1)
     h = F.linear(g, w1)
     bn = gate.bn
-    momentum = 0.0 if bn.momentum is None else bn.momentum
     h_norm, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-        h, bn.weight, bn.bias, bn.running_mean, bn.running_var, use_batch_stats, momentum, bn.eps)
+        h, bn.weight, bn.bias, bn.running_mean, bn.running_var, use_batch_stats, bn.running_momentum(), bn.eps)
     r = torch.relu_(h_norm)
     w2 = gate.fc2.weight.flatten(1)
     logits = F.linear(r, w2, gate.fc2.bias)
@@ -372,11 +371,14 @@ class GateBatchNorm(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         return use_batch_stats
 
+    def running_momentum(self) -> float:
+        """The momentum of the running-statistics update (0 when ``momentum`` is None)."""
+        return 0.0 if self.momentum is None else self.momentum
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_batch_stats = self.use_batch_stats(x.shape[0])
-        momentum = 0.0 if self.momentum is None else self.momentum
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats,
+                            self.running_momentum(), self.eps)
 
 
 class GateWeights(nn.Module):
@@ -492,10 +494,10 @@ class DenseGate(nn.Module):
                     return _eval_head_forward(self, y, inbounds_pooled, folded)
             bn, fc1, fc2 = self.bn, self.fc1, self.fc2
             use_batch_stats = bn.use_batch_stats(y.shape[0])
-            momentum = 0.0 if bn.momentum is None else bn.momentum
             head = gate_head_train(
                 y, inbounds_pooled, (fc1.weight, bn.weight, bn.bias, fc2.weight, fc2.bias),
-                (bn.running_mean, bn.running_var, momentum, bn.eps), use_batch_stats, self.weights.valid_channels)
+                (bn.running_mean, bn.running_var, bn.running_momentum(), bn.eps), use_batch_stats,
+                self.weights.valid_channels)
             if head is not None:  # the same, in compiled code, where it builds (fused.py)
                 return head
             if not torch.is_grad_enabled():
