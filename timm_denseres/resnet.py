@@ -201,6 +201,8 @@ class DenseResNet(nn.Module):
         stem_width: stem output channels.
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate, drop_block_rate, act_layer, norm_layer,
         zero_init_last: as in timm's ResNet.
+        gate_init_logit: None leaves the gates at PyTorch's default init (v ~ 0.5, w near uniform); a float
+            starts every gate with fc2's weight zero and v's and the shortcut's logits at this value.
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class DenseResNet(nn.Module):
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             zero_init_last: bool = True,
+            gate_init_logit: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -277,6 +280,8 @@ class DenseResNet(nn.Module):
         self.num_features = self.head_hidden_size = channels[-1]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.init_weights(zero_init_last=zero_init_last)
+        if gate_init_logit is not None:
+            self.set_gates_identity(gate_init_logit)
 
     def _blocks(self) -> List[DenseBasicBlock]:
         return [b for s in (self.layer1, self.layer2, self.layer3, self.layer4) for b in s]
@@ -466,6 +471,8 @@ def _fmnist_cfg(**kwargs) -> Dict[str, Any]:
 default_cfgs = untagged_default({
     **{f'denseresnet34_n{n}': _cfg() for n in (2, 4, 6, 8)},
     **warm_start_cfgs([f'denseresnet34_n{n}' for n in (2, 4, 6, 8)], 'resnet34.a1_in1k', _cfg()),
+    **{name: _cifar_cfg() for name in ('resnet20', 'denseresnet20_n2', 'denseresnet20_n4',
+                                       'resnet56', 'denseresnet56_n2', 'denseresnet56_n4')},
     'resnet110': _cifar_cfg(),
     **{f'denseresnet110_n{n}': _cifar_cfg() for n in (2, 4, 6, 8)},
     **hub_cfgs(('resnet110', 'denseresnet110_n4'), 'fmnist', _fmnist_cfg(
@@ -478,10 +485,11 @@ def _denseresnet34(n: int, pretrained: bool, **kwargs) -> DenseResNet:
     return _create_denseresnet(f'denseresnet34_n{n}', pretrained, **dict(model_args, **kwargs))
 
 
-def _resnet110(variant: str, n: int, pretrained: bool, **kwargs) -> DenseResNet:
+def _cifar_resnet(variant: str, depth: int, n: int, pretrained: bool, **kwargs) -> DenseResNet:
     # num_classes comes from the cfg (100 for the untagged CIFAR-100 cfg, 10 for `.fmnist`), as in_chans does
+    blocks = (depth - 2) // 6
     model_args = dict(
-        layers=(18, 18, 18), channels=(16, 32, 64), stem='cifar', stem_width=16, dense_n=n, gate_reduction=2)
+        layers=(blocks,) * 3, channels=(16, 32, 64), stem='cifar', stem_width=16, dense_n=n, gate_reduction=2)
     return _create_denseresnet(variant, pretrained, **dict(model_args, **kwargs))
 
 
@@ -512,28 +520,64 @@ def denseresnet34_n8(pretrained: bool = False, **kwargs) -> DenseResNet:
 @register_model
 def resnet110(pretrained: bool = False, **kwargs) -> DenseResNet:
     """CIFAR ResNet-110 baseline (3x3 stem, 3 x 18 BasicBlocks, 16/32/64 wide, 1x1 conv projections)."""
-    return _resnet110('resnet110', 0, pretrained, **kwargs)
+    return _cifar_resnet('resnet110', 110, 0, pretrained, **kwargs)
 
 
 @register_model
 def denseresnet110_n2(pretrained: bool = False, **kwargs) -> DenseResNet:
     """DenseResNet-110 (CIFAR), N=2."""
-    return _resnet110('denseresnet110_n2', 2, pretrained, **kwargs)
+    return _cifar_resnet('denseresnet110_n2', 110, 2, pretrained, **kwargs)
 
 
 @register_model
 def denseresnet110_n4(pretrained: bool = False, **kwargs) -> DenseResNet:
     """DenseResNet-110 (CIFAR), N=4 (the paper's best CIFAR-100 model)."""
-    return _resnet110('denseresnet110_n4', 4, pretrained, **kwargs)
+    return _cifar_resnet('denseresnet110_n4', 110, 4, pretrained, **kwargs)
 
 
 @register_model
 def denseresnet110_n6(pretrained: bool = False, **kwargs) -> DenseResNet:
     """DenseResNet-110 (CIFAR), N=6."""
-    return _resnet110('denseresnet110_n6', 6, pretrained, **kwargs)
+    return _cifar_resnet('denseresnet110_n6', 110, 6, pretrained, **kwargs)
 
 
 @register_model
 def denseresnet110_n8(pretrained: bool = False, **kwargs) -> DenseResNet:
     """DenseResNet-110 (CIFAR), N=8."""
-    return _resnet110('denseresnet110_n8', 8, pretrained, **kwargs)
+    return _cifar_resnet('denseresnet110_n8', 110, 8, pretrained, **kwargs)
+
+
+@register_model
+def resnet20(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """CIFAR ResNet-20 baseline (3 x 3 BasicBlocks); not in the paper, sized for CPU studies."""
+    return _cifar_resnet('resnet20', 20, 0, pretrained, **kwargs)
+
+
+@register_model
+def denseresnet20_n2(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """DenseResNet-20 (CIFAR), N=2; not in the paper."""
+    return _cifar_resnet('denseresnet20_n2', 20, 2, pretrained, **kwargs)
+
+
+@register_model
+def denseresnet20_n4(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """DenseResNet-20 (CIFAR), N=4; not in the paper."""
+    return _cifar_resnet('denseresnet20_n4', 20, 4, pretrained, **kwargs)
+
+
+@register_model
+def resnet56(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """CIFAR ResNet-56 baseline (3 x 9 BasicBlocks); not in the paper."""
+    return _cifar_resnet('resnet56', 56, 0, pretrained, **kwargs)
+
+
+@register_model
+def denseresnet56_n2(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """DenseResNet-56 (CIFAR), N=2; not in the paper."""
+    return _cifar_resnet('denseresnet56_n2', 56, 2, pretrained, **kwargs)
+
+
+@register_model
+def denseresnet56_n4(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """DenseResNet-56 (CIFAR), N=4; not in the paper."""
+    return _cifar_resnet('denseresnet56_n4', 56, 4, pretrained, **kwargs)
