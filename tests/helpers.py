@@ -7,6 +7,8 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg_value, model_entrypoint
+from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_denseres  # noqa: F401  registers the models
 from timm_denseres.gate import DenseGate
@@ -21,7 +23,7 @@ def plugin_model_names() -> List[str]:
 
 
 def model_family(name: str) -> str:
-    """The module that registered a model, e.g. ``timm_denseres.resnet``."""
+    """The module that registered a model, e.g. ``timm_denseres.denseresnet``."""
     return model_entrypoint(name).__module__
 
 
@@ -54,35 +56,43 @@ def reduced(size: int, reduction: int) -> int:
     return math.ceil(size / reduction)
 
 
-def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random BatchNorm affine parameters and statistics (seeded), returned in eval mode: the default init zeroes
-    the last BN of each branch, which would make branches vanish and comparisons trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.25)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
-
-def randomise(module: nn.Module, seed: int) -> None:
-    """Non-trivial weights and BN statistics everywhere (the default init zeroes the last BN of each branch)."""
+def randomise(module: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial weights and BatchNorm statistics everywhere, seeded (the default init zeroes the last BN of
+    each branch, which would make branches vanish and comparisons trivial). Returns the module."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() == 1 else 0.1))
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5, generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return module
 
 
-def make_gate(channels: int, valid: List[int], reduction: int, seed: int) -> DenseGate:
-    """A DenseGate with :func:`randomise`'s weights and statistics; ``valid``: each inbound's real channels."""
+def make_gate(channels: int, valid: List[int], reduction: int, seed: int, relu: bool = False) -> DenseGate:
+    """A DenseGate with :func:`randomise`'s weights; ``valid``: each inbound's real channels; ``relu``: a ReLU
+    after the mix (as a DenseResNet block), else none (as a DenseMobileNetV2 block)."""
     torch.manual_seed(seed)
-    gate = DenseGate(channels, len(valid), reduction, valid)
-    randomise(gate, seed)
-    return gate
+    gate = DenseGate(channels, len(valid), reduction, valid, out_act=nn.ReLU() if relu else None)
+    return randomise(gate, seed)
+
+
+def zero_branches(model: nn.Module) -> nn.Module:
+    """Every dense block's branch output zero (its last BatchNorm's weight and bias): the identity path alone."""
+    for block in model.dense_blocks():
+        last_bn = block.bn2 if hasattr(block, 'downsample') else block.bn3 if hasattr(block, 'bn3') else block.bn2
+        nn.init.zeros_(last_bn.weight)
+        nn.init.zeros_(last_bn.bias)
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fx_feature_model(model: nn.Module) -> nn.Module:
+    """The model traced by torch.fx as timm's feature extraction traces it, returning its last node."""
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, [eval_nodes[-1]], tracer_kwargs=tracer_kwargs)

@@ -3,7 +3,7 @@
 Importing this package registers the models with timm, so ``timm.create_model('denseresnet34_n6')`` works.
 """
 from .gate import DenseGate
-from .resnet import DenseBasicBlock, DenseResNet
-from .mobilenet import DenseMobileNetV2
+from .denseresnet import DenseBasicBlock, DenseResNet
+from .densemobilenet import DenseMobileNetV2
 
 __version__ = '0.1.0'

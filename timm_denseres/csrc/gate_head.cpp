@@ -4,10 +4,9 @@
 //   h = g fc1^T;  r = relu(BatchNorm(h));  logits = r fc2^T + b2  (M hidden units)
 //   v = sigmoid(logits[:, :C]);  w = softmax over k of logits[:, C:] viewed (B, n, C), 0 where inbound k's channel
 //   is zero padding
-// Each is one call in plain loops: the ten to twenty ATen operations they replace (timm_denseres/gate.py,
-// _GateHeadFn and _eval_head_forward) work on vectors of a few thousand numbers, so each operation's fixed cost
-// (dispatch, a parallel region, cold code after a block's convolutions: tens of microseconds) is most of its time.
-// Python side and fallbacks: timm_denseres/fused.py.
+// Each is one call in plain loops: the ten to twenty ATen operations they stand for (the gate's modules,
+// timm_denseres/gate.py) work on vectors of a few thousand numbers, so each operation's fixed cost (dispatch, a
+// parallel region, cold code after a block's convolutions) is most of their time. Python side: _kernels.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +24,7 @@ constexpr float kExpMax = 88.37626f;   // ln of its largest
 
 // exp(x) to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n from the exponent bits);
 // x is clamped to [kExpMin, kExpMax], so 2^n stays a normal float. Pure arithmetic, so the loops that call it
-// vectorise (with -fno-trapping-math, fused.py): a libm call per element would cost more than the rest of the head.
+// vectorise (with -fno-trapping-math, _kernels.py): a libm call per element would cost more than the rest of the head.
 inline float exp_poly(float x) {
   x = std::min(std::max(x, kExpMin), kExpMax);
   // round x / ln2 to the nearest integer: adding 1.5 * 2^23 leaves no fraction bits (default rounding mode)
@@ -135,35 +134,52 @@ HeadShape check_head(const char* op, const at::Tensor& y, const std::vector<at::
   return s;
 }
 
-// Inference, with the BatchNorm folded into fc1 and the padding mask as -inf in fc2's bias
-// (timm_denseres/gate.py, _fold_eval_head): w1 and w2 both (M, (n + 1) C), one row per hidden unit.
+// Inference (the BatchNorm with its running statistics): the same parameters as gate_head_train, no saved values.
+// The BatchNorm is folded into fc1 per hidden unit here, each call (M numbers), so nothing is cached between calls.
 std::tuple<at::Tensor, at::Tensor> gate_head_eval(
-    const at::Tensor& y, const std::vector<at::Tensor>& pooled, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2) {
-  const HeadShape s = check_head("gate_head_eval", y, pooled, w1.dim() == 2 ? w1.size(0) : 0);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == s.width && b1.dim() == 1 && b1.size(0) == s.hidden &&
-              w2.sizes() == w1.sizes() && b2.dim() == 1 && b2.size(0) == s.width,
-              "gate_head_eval: folded parameters do not fit (w1 ", w1.sizes(), ", w2 ", w2.sizes(), ") for ", s.n,
-              " inbounds of ", s.channels, " channels");
-  for (const auto* t : {&w1, &b1, &w2, &b2}) check_float_cpu(*t, "each folded parameter");
+    const at::Tensor& y, const std::vector<at::Tensor>& pooled, const at::Tensor& fc1, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+    const at::Tensor& fc2, const at::Tensor& fc2_bias, at::IntArrayRef valid_channels) {
+  const HeadShape s = check_head("gate_head_eval", y, pooled, bn_weight.numel());
+  TORCH_CHECK(fc1.numel() == s.hidden * s.width && fc1.size(0) == s.hidden && fc2.numel() == s.width * s.hidden &&
+              fc2.size(0) == s.width && fc2_bias.numel() == s.width && bn_bias.numel() == s.hidden &&
+              running_mean.numel() == s.hidden && running_var.numel() == s.hidden &&
+              static_cast<int64_t>(valid_channels.size()) == s.n,
+              "gate_head_eval: the gate's parameters do not fit (fc1 ", fc1.sizes(), ", fc2 ", fc2.sizes(), ") for ",
+              s.n, " inbounds of ", s.channels, " channels");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &fc1, &bn_weight, &bn_bias, &running_mean, &running_var, &fc2, &fc2_bias}) {
+    check_float_cpu(*t, "each gate parameter");
+  }
+  // h_m = scale_m * (g . fc1_m) + shift_m: the BatchNorm in inference
+  std::vector<float> scale(s.hidden), shift(s.hidden);
+  const float *gamma = bn_weight.data_ptr<float>(), *beta = bn_bias.data_ptr<float>();
+  const float *run_mean = running_mean.data_ptr<float>(), *run_var = running_var.data_ptr<float>();
+  for (int64_t m = 0; m < s.hidden; ++m) {
+    scale[m] = gamma[m] / std::sqrt(run_var[m] + static_cast<float>(eps));
+    shift[m] = beta[m] - run_mean[m] * scale[m];
+  }
   at::Tensor v = at::empty({s.batch, s.channels}, y.options());
   at::Tensor w = at::empty({s.batch, s.n, s.channels}, y.options());
   const float* y_data = y.data_ptr<float>();
-  const float *w1_data = w1.data_ptr<float>(), *b1_data = b1.data_ptr<float>();
-  const float *w2_data = w2.data_ptr<float>(), *b2_data = b2.data_ptr<float>();
+  const float *fc1_data = fc1.data_ptr<float>(), *fc2_data = fc2.data_ptr<float>();
+  const float* b2_data = fc2_bias.data_ptr<float>();
   float *v_data = v.data_ptr<float>(), *w_data = w.data_ptr<float>();
   std::vector<const float*> pooled_data;
   for (const auto& p : pooled) pooled_data.push_back(p.data_ptr<float>());
+  const float minus_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, s.batch, grain_for(s.channels * s.hw), [&](int64_t begin, int64_t end) {
-    std::vector<float> g(s.width), logits(s.width), top(s.channels), total(s.channels);
+    std::vector<float> g(s.width), r(s.hidden), logits(s.width), top(s.channels), total(s.channels);
     for (int64_t b = begin; b < end; ++b) {
       gate_input(y_data, pooled_data, b, s.channels, s.hw, g.data());
-      std::copy_n(b2_data, s.width, logits.data());
       for (int64_t m = 0; m < s.hidden; ++m) {
-        // fc1 as one dot product per hidden unit: independent sums (accumulating a row of h along the inputs would
-        // chain every step through memory)
-        const float h_m = b1_data[m] + dot(g.data(), w1_data + m * s.width, s.width);
-        axpy(h_m < 0.0f ? 0.0f : h_m, w2_data + m * s.width, logits.data(), s.width);  // ReLU (keeps NaN), fc2
+        const float h_m = scale[m] * dot(g.data(), fc1_data + m * s.width, s.width) + shift[m];
+        r[m] = h_m < 0.0f ? 0.0f : h_m;  // ReLU (keeps NaN)
+      }
+      for (int64_t j = 0; j < s.width; ++j) logits[j] = b2_data[j] + dot(r.data(), fc2_data + j * s.hidden, s.hidden);
+      for (int64_t k = 0; k < s.n; ++k) {  // zero-padded channels of inbound k: out of the softmax
+        std::fill(logits.begin() + (k + 1) * s.channels + valid_channels[k], logits.begin() + (k + 2) * s.channels,
+                  minus_inf);
       }
       gates_from_logits(logits.data(), s.channels, s.n, v_data + b * s.channels, w_data + b * s.n * s.channels,
                         top.data(), total.data());
@@ -382,7 +398,8 @@ std::vector<at::Tensor> gate_head_train_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(timm_denseres, m) {
-  m.def("gate_head_eval(Tensor y, Tensor[] pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> (Tensor, Tensor)");
+  m.def("gate_head_eval(Tensor y, Tensor[] pooled, Tensor fc1, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
+        "Tensor running_var, float eps, Tensor fc2, Tensor fc2_bias, int[] valid_channels) -> (Tensor, Tensor)");
   m.def("gate_head_train(Tensor y, Tensor[] pooled, Tensor fc1, Tensor bn_weight, Tensor bn_bias, "
         "Tensor(a!) running_mean, Tensor(b!) running_var, bool use_batch_stats, float momentum, float eps, "
         "Tensor fc2, Tensor fc2_bias, int[] valid_channels) -> Tensor[]");

@@ -3,7 +3,7 @@
 // and its backward in one pass. v: (B, C); w: (B, n, C); inbound a_k: (B, c_k, H, W) with c_k <= C, standing for
 // itself zero-padded to C channels (it adds to its first c_k channels only). act: ReLU or none.
 // Eager PyTorch needs a read-modify-write of the sum per inbound, and a gradient plus an accumulation per inbound
-// in backward; here each map is read once. Python side and fallbacks: timm_denseres/fused.py. The gate's small
+// in backward; here each map is read once. Python side: timm_denseres/_kernels.py. The gate's small
 // layers, which give v and w: gate_head.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -15,6 +15,7 @@ from the stem output directly: that would give x_0 channels that the shortcuts d
 identity path.)
 """
 import re
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -27,11 +28,10 @@ from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init
 from timm.models._features import feature_take_indices
 from timm.models.efficientnet import EfficientNet
 
-from ._runtime import hook_free
-from .fused import gate_mix
+from ._dense import DenseBlockMixin, DenseModelMixin, DenseStage, History, attach_gates, run_stages
 from .gate import DenseGate
+from .paper import PAPER
 from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
-from .resnet import PAPER, DenseStage, adjust_history, join_history, split_history
 
 __all__ = ['DenseMobileNetV2', 'DenseInvertedResidual', 'DenseDepthwiseSeparableConv', 'make_dense_block']
 
@@ -40,47 +40,28 @@ MOBILENETV2_STAGES: Tuple[Tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def mobilenetv2_arch_def() -> List[List[str]]:
+def mobilenetv2_arch_def(stages: Tuple[Tuple[int, int, int, int], ...] = MOBILENETV2_STAGES) -> List[List[str]]:
     """The stages in timm's block-string notation. The t=1 stage has no 1x1 expansion: timm builds it as a
     depthwise-separable block ('ds'), which is what timm's ``mobilenetv2_100`` does too."""
     return [[f'ds_r{n}_k3_s{s}_c{c}' if t == 1 else f'ir_r{n}_k3_s{s}_e{t}_c{c}']
-            for t, c, n, s in MOBILENETV2_STAGES]
+            for t, c, n, s in stages]
 
 
-class DenseMobileBlock:
-    """The dense part shared by both block types: a forward over the history list and a ``gate``.
+class DenseMobileBlock(DenseBlockMixin):
+    """The dense part shared by both block types: the shortcut is x_{i-1} brought to the block's shape (pooled
+    where it strides, channels cut or implied-padded where the width changes), with no activation after the mix.
 
-    Mixed into subclasses of timm's blocks, which supply ``branch`` (the block without its skip). Instances are
-    made from blocks that timm's builder created (see :func:`make_dense_block`), so the constructor is timm's.
-
-    Attributes set by :func:`make_dense_block` and the model (not annotated here: TorchScript reads class
-    annotations as attribute types and has none for a module): ``gate``, ``in_chs``, ``out_chs``, ``pool``
-    (the block strides), ``changes_shape``, ``history_len`` (N), ``num_inbounds`` (min(N, i)) and the module
-    ``mix_out`` (an identity on the block's output, for forward hooks).
+    Instances are made from blocks that timm's builder created (see :func:`make_dense_block`), so the constructor
+    is timm's; :func:`make_dense_block` sets ``in_chs``, ``out_chs``, ``pool`` and ``changes_shape``, and
+    :func:`timm_denseres._dense.attach_gates` the gate. (Not annotated here: TorchScript reads class annotations
+    as attribute types and has none for a module.)
     """
 
-    def forward(self, history: List[torch.Tensor]) -> List[torch.Tensor]:
-        # the history carries each output's pooled mean in front of the outputs, as DenseBasicBlock's does
-        outputs, pooled = split_history(history)
-        y = self.branch(outputs[-1])
-        if self.changes_shape:
-            # the shortcut and the earlier outputs, brought to this block's output shape, once
-            outputs, pooled = adjust_history(outputs, self.in_chs, self.out_chs, self.pool)
-        # inbounds, most recent first: the shortcut (x_{i-1} adjusted), then x_{i-2}, x_{i-3}, ...
-        inbounds: List[torch.Tensor] = []
-        inbounds_pooled: List[torch.Tensor] = []
-        for k in range(1, self.num_inbounds + 1):
-            inbounds.append(outputs[-k])
-            inbounds_pooled.append(pooled[-k])
-        # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
-        v, w = self.gate.weights_for(y, inbounds_pooled)
-        y_mixed = self.drop_path(y)
-        if not torch.jit.is_scripting():
-            mixed = gate_mix(y_mixed, v, w, inbounds, relu=False, reuse_y=True) if hook_free(self.mix_out) else None
-            if mixed is not None:  # the compiled kernel: the sum and the output's mean in one pass
-                return join_history(outputs, pooled, mixed[0], self.history_len, mixed[1])
-        out = self.mix_out(self.gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-        return join_history(outputs, pooled, out, self.history_len)
+    def shortcut(self, x: torch.Tensor, history: History) -> Tuple[torch.Tensor, torch.Tensor]:
+        return history.outputs[-1], history.means[-1]
+
+    def forward(self, history: History) -> History:
+        return self.dense_forward(history)
 
 
 class DenseInvertedResidual(DenseMobileBlock, InvertedResidual):
@@ -137,13 +118,10 @@ def make_dense_block(block: nn.Module) -> nn.Module:
         block.in_chs, block.out_chs = block.conv_dw.in_channels, block.conv_pw.out_channels
     block.pool = block.conv_dw.stride[0] > 1
     block.changes_shape = block.pool or block.in_chs != block.out_chs
-    # the block returns the history list; this module's output is the block's own output, the point that
-    # timm's forward-hook feature extraction (features_only with feature_cls='hook') needs to name
-    block.mix_out = nn.Identity()
     return block
 
 
-class DenseMobileNetV2(EfficientNet):
+class DenseMobileNetV2(DenseModelMixin, EfficientNet):
     """MobileNetV2 (timm's ``mobilenetv2_100``) whose 17 blocks each mix the previous ``dense_n`` block outputs.
 
     Args:
@@ -155,6 +133,8 @@ class DenseMobileNetV2(EfficientNet):
         drop_path_rate: stochastic depth, rising linearly over the blocks (timm's builder rule).
         global_pool: pooling type of the head.
         output_stride: 32, 16 or 8; later strides become dilations (timm's builder) and the shortcuts stop pooling.
+        stages: (expansion t, width c, repeats n, first stride s) per stage; MobileNetV2's by default.
+        stem_size, num_features: widths of the stem and of the head conv.
     """
 
     def __init__(
@@ -167,17 +147,20 @@ class DenseMobileNetV2(EfficientNet):
             drop_path_rate: float = 0.0,
             global_pool: str = 'avg',
             output_stride: int = 32,
+            stages: Tuple[Tuple[int, int, int, int], ...] = MOBILENETV2_STAGES,
+            stem_size: int = 32,
+            num_features: int = 1280,
             device=None,
             dtype=None,
     ):
         if dense_n < 1:
             raise ValueError(f'dense_n must be at least 1 (got {dense_n}); use timm\'s mobilenetv2_100 for N=0')
         super().__init__(
-            block_args=decode_arch_def(mobilenetv2_arch_def()),
+            block_args=decode_arch_def(mobilenetv2_arch_def(stages)),
             num_classes=num_classes,
-            num_features=1280,
+            num_features=num_features,
             in_chans=in_chans,
-            stem_size=32,
+            stem_size=stem_size,
             output_stride=output_stride,
             act_layer=get_act_layer('relu6'),
             norm_layer=nn.BatchNorm2d,
@@ -190,47 +173,26 @@ class DenseMobileNetV2(EfficientNet):
         )
         self.dense_n = dense_n
         # same names (blocks.S.B); the stages now pass the history list from block to block
-        self.blocks = nn.Sequential(*[DenseStage(*[make_dense_block(b) for b in stage]) for stage in self.blocks])
-        for info in self.feature_info:  # a stage outputs the history list; name its last block's output instead
+        # a ModuleList, not timm's Sequential: the stages pass a history, which Sequential.forward cannot type
+        self.blocks = nn.ModuleList([DenseStage(*[make_dense_block(b) for b in stage]) for stage in self.blocks])
+        for info in self.feature_info:  # a stage outputs the history; name its last block's output instead
             stage_name = re.fullmatch(r'blocks\.(\d+)', info['module'])
             if stage_name:
                 last_block = len(self.blocks[int(stage_name.group(1))]) - 1
-                info['module'] = f'{info["module"]}.{last_block}.mix_out'
-        self._attach_gates(self.bn1.num_features, gate_reduction, device=device, dtype=dtype)
+                info['module'] = f'{info["module"]}.{last_block}.gate.out_act'
+        attach_gates([b for stage in self.blocks for b in stage], self.bn1.num_features, dense_n, partial(
+            _make_gate, reduction=gate_reduction, dd=dict(device=device, dtype=dtype)))
 
-    def _dense_blocks(self) -> List[DenseMobileBlock]:
-        return [b for stage in self.blocks for b in stage]
-
-    def _attach_gates(self, stem_chs: int, reduction: int, device=None, dtype=None) -> None:
-        # Follow the history statically: per block, how many inbounds it has and which of their channels are
-        # real (the rest is zero padding, left out of the softmax). A cut followed by a pad leaves zeros too.
-        history_valid = [stem_chs]
-        for block in self._dense_blocks():
-            if block.changes_shape:
-                history_valid = [min(c, block.out_chs) for c in history_valid]
-            block.num_inbounds = min(self.dense_n, len(history_valid))
-            block.history_len = self.dense_n
-            valid = [block.out_chs] + [history_valid[-k] for k in range(2, block.num_inbounds + 1)]
-            block.gate = DenseGate(block.out_chs, block.num_inbounds, reduction, valid, device=device, dtype=dtype)
-            efficientnet_init_weights(block.gate)  # the same init rule as the rest of the network
-            history_valid = (history_valid + [block.out_chs])[-self.dense_n:]
-
-    @torch.jit.ignore
-    def set_gates_identity(self, logit: float = 30.0) -> None:
-        """Set every gate to ``v ~ 1`` with all mixing weight on the shortcut: each block then computes
-        ``branch(x) + shortcut(x)``, which is timm's block where timm has a skip (stride 1, same width)."""
-        for block in self._dense_blocks():
-            block.gate.set_identity(logit)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.blocks:
-            stage.grad_checkpointing = enable
+    def dense_stages(self) -> List[DenseStage]:
+        return list(self.blocks)
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'classifier' if name_only else self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier; ``global_pool=None`` keeps the current pooling."""
+        super().reset_classifier(num_classes, self.global_pool.pool_type if global_pool is None else global_pool)
 
     def as_sequential(self) -> nn.Sequential:
         raise NotImplementedError('DenseMobileNetV2 blocks pass a history list, not a tensor; no sequential form')
@@ -260,17 +222,12 @@ class DenseMobileNetV2(EfficientNet):
         x = self.bn1(self.conv_stem(x))
         if 0 in take_indices:
             intermediates.append(x)
-        stages = self.blocks[:max_index] if stop_early else self.blocks
-        history = [x]
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages, start=1):
-            history = stage(history)
-            if feat_idx in take_indices:
-                intermediates.append(history[-1])
+        stages = list(self.blocks[:max_index] if stop_early else self.blocks)
+        history = run_stages(History([x], [x.mean((2, 3))]), stages, take_indices, intermediates)
         if intermediates_only:
             return intermediates
-        x = history[-1]
-        if feat_idx == self.stage_ends[-1]:  # the head conv only follows the last stage
+        x = history.outputs[-1]
+        if len(stages) == self.stage_ends[-1]:  # the head conv only follows the last stage
             x = self.bn2(self.conv_head(x))
         return x, intermediates
 
@@ -299,11 +256,17 @@ class DenseMobileNetV2(EfficientNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_stem(x)
         x = self.bn1(x)
-        history = [x]
+        history = History([x], [x.mean((2, 3))])
         for stage in self.blocks:
             history = stage(history)
-        x = self.conv_head(history[-1])
+        x = self.conv_head(history.outputs[-1])
         return self.bn2(x)
+
+
+def _make_gate(block: DenseMobileBlock, valid: List[int], reduction: int, dd: Dict[str, Any]) -> DenseGate:
+    gate = DenseGate(block.out_chs, len(valid), reduction, valid, **dd)
+    efficientnet_init_weights(gate)  # the same init rule as the rest of the network
+    return gate
 
 
 def _create_densemobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
@@ -332,6 +295,7 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 # `ra_in1k_warm`: timm's mobilenetv2_100.ra_in1k weights, gates at identity (approximate: see MODEL_CARD.md)
 default_cfgs = untagged_default({
     **{f'densemobilenetv2_n{n}': _cfg() for n in (2, 4, 6, 8)},
+    'test_densemobilenetv2': _cfg(input_size=(3, 64, 64), pool_size=(8, 8), num_classes=10),
     **warm_start_cfgs([f'densemobilenetv2_n{n}' for n in (2, 4, 6, 8)], 'mobilenetv2_100.ra_in1k', _cfg(),
                       exact=False),
 })
@@ -364,3 +328,11 @@ def densemobilenetv2_n6(pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
 def densemobilenetv2_n8(pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
     """DenseMobileNetV2, N=8."""
     return _densemobilenetv2(8, pretrained, **kwargs)
+
+
+@register_model
+def test_densemobilenetv2(pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
+    """A tiny DenseMobileNetV2 for tests (three stages, N=3, 64 px input)."""
+    model_args = dict(dense_n=3, gate_reduction=4, stages=((1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 2, 2)), stem_size=8,
+                      num_features=64)
+    return _create_densemobilenetv2('test_densemobilenetv2', pretrained, **dict(model_args, **kwargs))

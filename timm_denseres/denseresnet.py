@@ -8,9 +8,8 @@ Block i mixes its branch with the previous N block outputs (numbered across the 
 stage's shape once per forward (ceil-mode 2x2 avg-pool + zero channel pad) and reused by every later block;
 the padding stays implied (a narrower output stays narrow, and the weighted sum skips the zero channels).
 """
-from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -20,28 +19,20 @@ from timm.layers import create_classifier, get_act_layer, get_norm_layer, to_ntu
 from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, make_blocks
-from torch.utils.checkpoint import checkpoint
 
-from ._runtime import hook_free
-from .fused import gate_mix
-from .gate import DenseGate, adjust_inbound, global_avg_pool, pad_channels
+from ._dense import DenseBlockMixin, DenseModelMixin, DenseStage, History, attach_gates, run_stages
+from .gate import DenseGate
+from .paper import PAPER
 from .pretrained import FASHION_MNIST, build_model_with_pretrained, hub_cfgs, untagged_default, warm_start_cfgs
 
 __all__ = ['DenseResNet', 'DenseBasicBlock']
 
 
-class DenseBasicBlock(BasicBlock):
+class DenseBasicBlock(DenseBlockMixin, BasicBlock):
     """timm's BasicBlock whose residual add is replaced by a Gate-Module over the last N block outputs.
 
-    The block maps the history of the last n block outputs ``[x_{i-n}, ..., x_{i-1}]`` (oldest first, already in
-    the previous block's output shape) to the new history ``[..., x_{i-1}', x_i]`` with at most ``history_len``
-    outputs. When the block changes the shape (stride or width), the history is adjusted to the new shape here,
-    once, and passed on. Without a gate it is a plain residual block, which is how ``resnet110`` is built.
-
-    The gate needs the global average of every inbound, and each output is an inbound of N blocks; so a dense
-    block passes each output's pooled (B, C, 1, 1) mean along, in front of the outputs:
-    ``[p_{i-n}, ..., p_{i-1}, x_{i-n}, ..., x_{i-1}]``. The first block gets the bare ``[x_0]``, and
-    ``history[-1]`` is always the latest output.
+    Without a gate it is timm's residual block (how ``resnet110`` is built). With one, the block's final
+    activation moves into the gate, which returns the block output (``gate.out_act`` is the feature point).
     """
 
     def __init__(self, *args, **kwargs):
@@ -52,23 +43,7 @@ class DenseBasicBlock(BasicBlock):
         self.in_chs = self.conv1.in_channels
         self.out_chs = self.bn2.num_features
         self.changes_shape = self.downsample is not None or self.stride != 1
-        self.pool_history = self.stride != 1
-
-    def attach_gate(
-            self,
-            history_len: int,
-            num_inbounds: int,
-            reduction: int,
-            valid_channels: List[int],
-            act_layer: Type[nn.Module] = nn.ReLU,
-            device=None,
-            dtype=None,
-    ) -> None:
-        """Turn the block dense: mix the shortcut and ``num_inbounds - 1`` earlier outputs, keep ``history_len``."""
-        self.history_len = history_len
-        self.num_inbounds = num_inbounds
-        self.gate = DenseGate(
-            self.out_chs, num_inbounds, reduction, valid_channels, act_layer=act_layer, device=device, dtype=dtype)
+        self.pool = self.stride != 1
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """f_i: conv3x3-BN-ReLU-conv3x3-BN, as in timm's BasicBlock."""
@@ -83,114 +58,28 @@ class DenseBasicBlock(BasicBlock):
             x = self.se(x)
         return x
 
-    def forward(self, history: List[torch.Tensor]) -> List[torch.Tensor]:
-        x = history[-1]
+    def shortcut(self, x: torch.Tensor, history: History) -> Tuple[torch.Tensor, torch.Tensor]:
+        """timm's shortcut: x, or its 1x1 projection where the shape changes; and its mean."""
+        if self.downsample is None:
+            return history.outputs[-1], history.means[-1]
+        s = self.downsample(x)
+        return s, s.mean((2, 3))
+
+    def forward(self, history: History) -> History:
+        if self.gate is not None:
+            return self.dense_forward(history)
+        x = history.outputs[-1]
         y = self.branch(x)
-        shortcut = x if self.downsample is None else self.downsample(x)
         if self.drop_path is not None:
-            y_mixed = self.drop_path(y)
-        else:
-            y_mixed = y
-        gate = self.gate
-        if gate is None:
-            return [self.act2(y_mixed + shortcut)]
-
-        outputs, pooled = split_history(history)
-        if self.changes_shape:
-            outputs, pooled = adjust_history(outputs, self.in_chs, self.out_chs, self.pool_history)
-        # inbounds: the shortcut replaces x_{i-1}, then x_{i-2}, x_{i-3}, ... (most recent first)
-        inbounds = [shortcut]
-        inbounds_pooled = [pooled[-1] if self.downsample is None else global_avg_pool(shortcut)]
-        for k in range(2, self.num_inbounds + 1):
-            inbounds.append(outputs[-k])
-            inbounds_pooled.append(pooled[-k])
-        # the gate looks at y before drop-path; drop-path (a per-sample scale) then applies to the mixed branch
-        v, w = gate.weights_for(y, inbounds_pooled)
-        if not torch.jit.is_scripting():
-            plain_relu = type(self.act2) is nn.ReLU and hook_free(self.act2)
-            mixed = gate_mix(y_mixed, v, w, inbounds, relu=True, reuse_y=True) if plain_relu else None
-            if mixed is not None:  # the compiled kernel: sum, ReLU and the output's mean in one pass
-                return join_history(outputs, pooled, mixed[0], self.history_len, mixed[1])
-        out = self.act2(gate.mix(y_mixed, v, w, inbounds, reuse_y=True))
-        return join_history(outputs, pooled, out, self.history_len)
+            y = self.drop_path(y)
+        s = x if self.downsample is None else self.downsample(x)
+        return History([self.act2(y + s)], history.means)
 
 
-def split_history(history: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """A dense block's input ``[p_{i-n}, ..., p_{i-1}, x_{i-n}, ..., x_{i-1}]`` as (outputs, their pooled means).
-    The first block gets the bare ``[x_0]``, whose mean is taken here."""
-    if len(history) == 1:
-        return history, [global_avg_pool(history[0])]
-    half = len(history) // 2
-    return history[half:], history[:half]
-
-
-def adjust_history(
-        outputs: List[torch.Tensor], in_chs: int, out_chs: int, pool: bool,
-) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """The outputs brought to a block's new shape (:func:`adjust_inbound`), once, and their means. Outputs
-    narrower than the block stay narrow (their zero padding is implied: the mix skips it); their means are
-    padded, since the gate reads all channels."""
-    outputs = [adjust_inbound(h, in_chs, out_chs, pool, pad=False) for h in outputs]
-    return outputs, [pad_channels(global_avg_pool(h), out_chs) for h in outputs]
-
-
-torch.fx.wrap('pad_channels')  # reads the width of its input; a leaf for torch.fx
-
-
-def join_history(
-        outputs: List[torch.Tensor], pooled: List[torch.Tensor], out: torch.Tensor, history_len: int,
-        out_pooled: Optional[torch.Tensor] = None,
-) -> List[torch.Tensor]:
-    """The next block's input: the last ``history_len`` outputs (``out`` the latest), their means in front, so
-    that every output is pooled once (``out_pooled``: out's mean, where the caller has it already). New lists: the
-    caller's history must stay intact (activation checkpointing re-runs a block)."""
-    outputs = (outputs + [out])[-history_len:]
-    if out_pooled is None:
-        out_pooled = global_avg_pool(out)
-    pooled = (pooled + [out_pooled])[-history_len:]
-    return pooled + outputs
-
-
-@contextmanager
-def _keep_norm_stats(module: nn.Module) -> Iterator[None]:
-    """Restore the BatchNorm running statistics of ``module`` on exit: checkpointing re-runs a block's forward
-    in backward, which would otherwise update them (and ``num_batches_tracked``) a second time per step."""
-    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
-
-
-def _checkpoint_contexts(block: nn.Module) -> Tuple[ContextManager, ContextManager]:
-    return nullcontext(), _keep_norm_stats(block)  # (forward, recompute)
-
-
-class DenseStage(nn.Sequential):
-    """A stage of dense blocks: passes the history list from block to block (blocks keep timm's names)."""
-
-    def __init__(self, *blocks: nn.Module):
-        super().__init__(*blocks)
-        self.grad_checkpointing = False
-
-    def forward(self, history: List[torch.Tensor]) -> List[torch.Tensor]:
-        for block in self:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                history = checkpoint(
-                    block, history, use_reentrant=False, context_fn=partial(_checkpoint_contexts, block))
-            else:
-                history = block(history)
-        return history
-
-
-class DenseResNet(nn.Module):
+class DenseResNet(DenseModelMixin, nn.Module):
     """ResNet whose BasicBlocks add a gated mix of the previous ``dense_n`` block outputs.
 
-    ``dense_n=0`` gives the plain ResNet with the same layout (used for the CIFAR ``resnet110`` baseline).
+    ``dense_n=0`` gives the plain ResNet with the same layout (used for the CIFAR ``resnet20/56/110`` baselines).
 
     Args:
         layers: blocks per stage.
@@ -252,30 +141,24 @@ class DenseResNet(nn.Module):
         self.feature_info = [dict(num_chs=stem_width, reduction=stem_reduction, module='act1')]
 
         stage_modules, _ = make_blocks(
-            to_ntuple(len(channels))(DenseBasicBlock),
-            channels,
-            layers,
-            stem_width,
-            act_layer=act_layer,
-            norm_layer=norm_layer,
-            drop_block_rate=drop_block_rate,
-            drop_path_rate=drop_path_rate,
-            **dd,
-        )
+            to_ntuple(len(channels))(DenseBasicBlock), channels, layers, stem_width, act_layer=act_layer,
+            norm_layer=norm_layer, drop_block_rate=drop_block_rate, drop_path_rate=drop_path_rate, **dd)
+        # a stage returns the history; its feature is the last block's output, the module that timm's 'hook' and
+        # 'fx' feature extractors must name: the block's activation, which a gate takes over
+        last_act = 'gate.out_act' if dense_n > 0 else 'act2'
         for stage_idx, (name, stage) in enumerate(stage_modules):
             self.add_module(name, DenseStage(*stage))
             stage_reduction *= 1 if stage_idx == 0 else 2
-            # a stage returns the history list; its feature is the output of the last block's final activation,
-            # the module that timm's 'hook' (forward hook) and 'fx' (graph node) feature extractors must name
-            self.feature_info.append(dict(
-                num_chs=channels[stage_idx], reduction=stage_reduction, module=f'{name}.{len(stage) - 1}.act2'))
-        # unused stages stay as empty Sequentials so forward (and TorchScript) can name all four
+            self.feature_info.append(dict(num_chs=channels[stage_idx], reduction=stage_reduction,
+                                          module=f'{name}.{len(stage) - 1}.{last_act}'))
+        # unused stages stay as empty stages so forward (and TorchScript) can name all four
         for stage_idx in range(len(stage_modules), 4):
             self.add_module(f'layer{stage_idx + 1}', DenseStage())
         self.num_stages = len(stage_modules)
 
         if dense_n > 0:
-            self._attach_gates(stem_width, gate_reduction, act_layer, **dd)
+            attach_gates(self._stage_blocks(), stem_width, dense_n, partial(
+                _make_gate, reduction=gate_reduction, act_layer=act_layer, dd=dd))
 
         self.num_features = self.head_hidden_size = channels[-1]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
@@ -283,20 +166,11 @@ class DenseResNet(nn.Module):
         if gate_init_logit is not None:
             self.set_gates_identity(gate_init_logit)
 
-    def _blocks(self) -> List[DenseBasicBlock]:
-        return [b for s in (self.layer1, self.layer2, self.layer3, self.layer4) for b in s]
+    def dense_stages(self) -> List[DenseStage]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def _attach_gates(self, stem_width: int, reduction: int, act_layer: Type[nn.Module], **dd) -> None:
-        # Follow the history statically to know, per block, how many inbounds it has and which of their
-        # channels are real (the rest is zero padding, left out of the softmax).
-        history_valid = [stem_width]
-        for block in self._blocks():
-            if block.changes_shape:
-                history_valid = [min(c, block.out_chs) for c in history_valid]
-            num_inbounds = min(self.dense_n, len(history_valid))
-            valid = [block.out_chs] + [history_valid[-k] for k in range(2, num_inbounds + 1)]
-            block.attach_gate(self.dense_n, num_inbounds, reduction, valid, act_layer=act_layer, **dd)
-            history_valid = (history_valid + [block.out_chs])[-self.dense_n:]
+    def _stage_blocks(self) -> List[DenseBasicBlock]:
+        return [block for stage in self.dense_stages() for block in stage]
 
     @torch.jit.ignore
     def init_weights(self, zero_init_last: bool = True) -> None:
@@ -312,35 +186,29 @@ class DenseResNet(nn.Module):
                     m.zero_init_last()
 
     @torch.jit.ignore
-    def set_gates_identity(self, logit: float = 30.0) -> None:
-        """Set every gate to ``v ~ 1`` with all mixing weight on the shortcut: the network becomes the ResNet
-        with the same shared weights (exactly, to float32 resolution, at the default logit)."""
-        for block in self._blocks():
-            if block.gate is not None:
-                block.gate.set_identity(logit)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'fc' if name_only else self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier; ``global_pool=None`` keeps the current pooling."""
         self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
         self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         x = self.bn1(x)
         return self.act1(x)
+
+    def _history(self, x: torch.Tensor) -> History:
+        """x_0, the stem's output after the max-pool, as the first history (with its mean if there are gates)."""
+        x = self.maxpool(x)
+        return History([x], [x.mean((2, 3))] if self.dense_n > 0 else [])
 
     @torch.jit.ignore
     def forward_intermediates(
@@ -363,23 +231,17 @@ class DenseResNet(nn.Module):
             intermediates_only: return only the intermediates.
         """
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        num_features = self.num_stages + 1
-        take_indices, max_index = feature_take_indices(num_features, indices)
+        take_indices, max_index = feature_take_indices(self.num_stages + 1, indices)
         intermediates = []
         x = self.forward_stem(x)
         if 0 in take_indices:
             intermediates.append(x)
-        history = [self.maxpool(x)]
-        stages = [self.layer1, self.layer2, self.layer3, self.layer4][:self.num_stages]
-        if stop_early:
-            stages = stages[:max_index]
-        for feat_idx, stage in enumerate(stages, start=1):
-            history = stage(history)
-            if feat_idx in take_indices:
-                intermediates.append(history[-1])
+        stages = self.dense_stages()[:self.num_stages]
+        history = run_stages(self._history(x), stages[:max_index] if stop_early else stages, take_indices,
+                             intermediates)
         if intermediates_only:
             return intermediates
-        return history[-1], intermediates
+        return history.outputs[-1], intermediates
 
     @torch.jit.ignore
     def prune_intermediate_layers(
@@ -392,19 +254,20 @@ class DenseResNet(nn.Module):
         take_indices, max_index = feature_take_indices(self.num_stages + 1, indices)
         for stage_idx in range(max_index, 4):
             setattr(self, f'layer{stage_idx + 1}', DenseStage())
+        if max_index == 0:  # the stem's feature is taken before the max-pool
+            self.maxpool = nn.Identity()
         self.num_stages = min(self.num_stages, max_index)
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_stem(x)
-        history = [self.maxpool(x)]
+        history = self._history(self.forward_stem(x))
         history = self.layer1(history)
         history = self.layer2(history)
         history = self.layer3(history)
         history = self.layer4(history)
-        return history[-1]
+        return history.outputs[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -415,6 +278,14 @@ class DenseResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
         return self.forward_head(x)
+
+
+def _make_gate(block: DenseBasicBlock, valid: List[int], reduction: int, act_layer: Type[nn.Module],
+               dd: Dict[str, Any]) -> DenseGate:
+    """A block's gate; the block's final activation moves into it (the gate ends the block)."""
+    out_act = block.act2
+    del block.act2
+    return DenseGate(block.out_chs, len(valid), reduction, valid, act_layer=act_layer, out_act=out_act, **dd)
 
 
 def _create_denseresnet(variant: str, pretrained: bool = False, **kwargs) -> DenseResNet:
@@ -430,11 +301,6 @@ def _create_denseresnet(variant: str, pretrained: bool = False, **kwargs) -> Den
     )
 
 
-PAPER = dict(
-    paper_ids='MIRU2020',
-    paper_name='Dense Residual Networks for Image Classification (Takeda, MIRU 2020)',
-    license='apache-2.0',
-)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
@@ -455,9 +321,9 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 def _cifar_cfg(**kwargs) -> Dict[str, Any]:
     """CIFAR-100 config: 32x32 input, no resize or crop at test time."""
-    return _cfg(
+    return _cfg(**dict(dict(
         num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-        mean=CIFAR100_MEAN, std=CIFAR100_STD, **kwargs)
+        mean=CIFAR100_MEAN, std=CIFAR100_STD), **kwargs))
 
 
 def _fmnist_cfg(**kwargs) -> Dict[str, Any]:
@@ -474,6 +340,7 @@ default_cfgs = untagged_default({
     **{name: _cifar_cfg() for name in ('resnet20', 'denseresnet20_n2', 'denseresnet20_n4',
                                        'resnet56', 'denseresnet56_n2', 'denseresnet56_n4')},
     'resnet110': _cifar_cfg(),
+    'test_denseresnet': _cifar_cfg(num_classes=10),
     **{f'denseresnet110_n{n}': _cifar_cfg() for n in (2, 4, 6, 8)},
     **hub_cfgs(('resnet110', 'denseresnet110_n4'), 'fmnist', _fmnist_cfg(
         description='Trained on Fashion-MNIST (10 classes, 28x28 grayscale) with timm\'s train.py.')),
@@ -581,3 +448,10 @@ def denseresnet56_n2(pretrained: bool = False, **kwargs) -> DenseResNet:
 def denseresnet56_n4(pretrained: bool = False, **kwargs) -> DenseResNet:
     """DenseResNet-56 (CIFAR), N=4; not in the paper."""
     return _cifar_resnet('denseresnet56_n4', 56, 4, pretrained, **kwargs)
+
+
+@register_model
+def test_denseresnet(pretrained: bool = False, **kwargs) -> DenseResNet:
+    """A tiny DenseResNet for tests (CIFAR layout, 2 blocks per stage, 8/16/32 wide, N=3)."""
+    model_args = dict(layers=(2, 2, 2), channels=(8, 16, 32), stem='cifar', stem_width=8, dense_n=3, gate_reduction=2)
+    return _create_denseresnet('test_denseresnet', pretrained, **dict(model_args, **kwargs))
