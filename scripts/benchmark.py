@@ -49,6 +49,10 @@ PAIRS: Dict[str, Tuple[str, int]] = {
 # faults, depending on what the process allocated before (the ratios moved by 10-30 % from run to run).
 STEADY_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 30), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 40)}
 AMP_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+# the CPU peak-memory profile makes the workers log to stderr: Kineto's profiler_start/profiler_stop lines (and, on
+# a CUDA build without a GPU, "gpuGetDeviceCount failed"), and c10's warning that a block allocated before the
+# profile was freed inside it (its size is unknown, so it is left out: the step's own allocations are what count)
+QUIET_PROFILER_ENV = {'KINETO_LOG_LEVEL': '6', 'TORCH_CPP_LOG_LEVEL': 'ERROR'}  # set unless already set
 
 
 @dataclass
@@ -188,6 +192,7 @@ class _Worker:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, name, size, device_name, args), daemon=True)
         saved_env = dict(os.environ)
+        os.environ.update({k: v for k, v in QUIET_PROFILER_ENV.items() if k not in saved_env})  # read at start
         if args.malloc == 'steady':  # read by glibc when the worker starts
             os.environ.update(STEADY_MALLOC_ENV)
         try:

@@ -1,7 +1,21 @@
 """The paper's Fig. 4: mean mixing weight ``w_ik`` per block i and offset i-k, drawn as a heat map."""
 from typing import Dict, List, Optional
 
-__all__ = ['plot_gate_weights']
+__all__ = ['plot_gate_weights', 'matplotlib_installed', 'MATPLOTLIB_HINT']
+
+# matplotlib is optional (not a dependency): only the figures need it
+MATPLOTLIB_HINT = 'matplotlib is not installed (pip install matplotlib, or pip install -e ".[extras]")'
+
+
+def matplotlib_installed() -> bool:
+    """Whether matplotlib can be imported; a matplotlib that is there but broken still raises."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != 'matplotlib':
+            raise
+        return False
+    return True
 
 
 def plot_gate_weights(w_mean: Dict[str, List[float]], path: str, title: Optional[str] = None) -> None:
