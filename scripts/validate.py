@@ -1,9 +1,12 @@
 """timm's own validate.py with the DenseResNet models registered; every flag goes to it unchanged.
 
-    python scripts/validate.py data/fashion-mnist --split validation --model denseresnet110_n4 \
-        --num-classes 10 --in-chans 1 --checkpoint output/train/.../model_best.pth.tar
+    python scripts/validate.py data/digits --model local-dir:runs/digits/denseresnet110_n4.digits --pretrained
+    python scripts/validate.py data/digits --checkpoint runs/digits/finetune/last.pth.tar
 
-See timm_denseres/timm_scripts.py for where validate.py comes from (--timm-repo / TIMM_REPO / download cache).
+A checkpoint folder brings its data config (config.json); a train.py checkpoint its run's (model, classes, input
+size, mean/std). Flags the scripts' defaults get wrong here (--device cpu without CUDA, --in-chans of a 1-channel
+checkpoint) are added unless given: see timm_denseres/timm_scripts.py, which also says where validate.py comes
+from (--timm-repo / TIMM_REPO / download cache), and docs/fine_tune.md.
 """
 from timm_denseres.timm_scripts import validate_main  # importing timm_denseres registers the models
 

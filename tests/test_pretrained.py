@@ -1,5 +1,6 @@
-"""Pretrained weights (issue 4): tagged cfgs, export and publish, loading three ways offline, warm starts, and a
-clear message for every way loading can fail.
+"""Pretrained weights: the PUBLISHED table and its tagged cfgs, export and publish, loading three ways offline, warm
+starts, checksums (the table's and the one each folder's config.json carries), and a clear message for every way
+loading can fail.
 
 Nothing here reaches the network or mocks huggingface_hub. ``local-dir:`` loads read a folder. Tag and ``hf-hub:``
 loads read a Hugging Face cache that the test fills in huggingface_hub's own layout (refs/main -> snapshot ->
@@ -8,12 +9,13 @@ is imported, so they cannot be changed for an already running interpreter. One s
 (``offline_run``); the tests read its results.
 
 Weights are random (BatchNorm statistics randomized so that no block is trivially zero), never trained; they only
-live in tmp dirs. The checksum of such a file is put into ``SHA256`` by the test itself.
+live in tmp dirs. The checksum of such a file is put into ``PUBLISHED`` by the test itself.
 """
 import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,22 +26,24 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from huggingface_hub import ModelCard
+from PIL import Image
 from timm.models import get_pretrained_cfg, save_for_hf
 
 import timm_denseres  # noqa: F401  registers the models
 from helpers import randomize_norms
+from timm_denseres import export as E
+from timm_denseres import hub as H
 from timm_denseres import pretrained as P
+from timm_denseres.train_run import RunError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO_ROOT / 'scripts'
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-import export_checkpoint  # noqa: E402
-import publish  # noqa: E402
+SAMPLE = REPO_ROOT / 'data' / 'sample' / 'fashion-mnist'
 
 FM = 'denseresnet110_n4.fmnist'
 FM_REPO = f'{P.HUB_ORG}/{FM}'
+NEW = 'denseresnet20_n4.fmnist'  # not published: the offline subprocess adds its PUBLISHED line
 WARM = 'denseresnet34_n6.a1_in1k_warm'
 MNV2_WARM = 'densemobilenetv2_n4.ra_in1k_warm'
 HAS_MNV2_WARM = MNV2_WARM in timm.list_pretrained('densemobilenetv2*')
@@ -116,12 +120,12 @@ def published(tmp_path_factory) -> Dict[str, Any]:
     model = _random_model(FM, seed=0)
     ema = _random_model(FM, seed=10)  # the EMA weights are the ones to publish
     _save_train_checkpoint(tmp / 'model_best.pth.tar', model, ema, 'denseresnet110_n4')
-    folder = export_checkpoint.export(tmp / 'model_best.pth.tar', 'fmnist', out_dir=tmp / 'weights', top1=91.25,
-                                      train_command='python scripts/train.py --config recipes/fashion_mnist.yaml')
+    folder = E.export(tmp / 'model_best.pth.tar', 'fmnist', out_dir=tmp / 'weights', top1=91.25,
+                      train_command='python scripts/train.py --config recipes/fashion_mnist.yaml')
     sha256 = P.sha256_file(folder / P.WEIGHTS_FILE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(P.SHA256, FM, sha256)
-        staged = publish.publish(folder, dry_run=True, staging_dir=tmp / 'stage')
+        mp.setitem(P.PUBLISHED, FM, P.Published('fmnist', sha256))
+        staged = H.publish(folder, dry_run=True, staging_dir=tmp / 'stage')
         x = _input((2, 1, 28, 28))
         yield dict(tmp=tmp, folder=folder, staged=staged, x=x, ema_logits=_logits(ema, x),
                    model_logits=_logits(model, x), sha256=sha256)
@@ -129,12 +133,12 @@ def published(tmp_path_factory) -> Dict[str, Any]:
 
 @pytest.fixture
 def record(monkeypatch):
-    """Record a checksum in SHA256 (None: none recorded) for the duration of a test."""
+    """Record a checkpoint's sha256 in PUBLISHED (None: not published) for the duration of a test."""
     def _record(name, sha):
         if sha is None:
-            monkeypatch.delitem(P.SHA256, name, raising=False)
+            monkeypatch.delitem(P.PUBLISHED, name, raising=False)
         else:
-            monkeypatch.setitem(P.SHA256, name, sha)
+            monkeypatch.setitem(P.PUBLISHED, name, P.Published('fmnist', sha))
     return _record
 
 
@@ -142,12 +146,19 @@ def record(monkeypatch):
 # the subprocess that loads from a pre-filled HF cache with HF_HUB_OFFLINE=1
 
 OFFLINE_SCRIPT = r'''
-import json, sys
-import timm, torch
-import timm_denseres
-from timm_denseres import pretrained as P
+import importlib.util, json, sys
 
 cfg = json.loads(open(sys.argv[1]).read())
+# A new checkpoint is one line in PUBLISHED: the line is added here before the models register, as an edit of
+# pretrained.py would add it (the family files take their tagged cfgs from the table when they are imported).
+spec = importlib.util.spec_from_file_location('timm_denseres.pretrained', cfg['pretrained_py'])
+P = importlib.util.module_from_spec(spec)
+sys.modules['timm_denseres.pretrained'] = P
+spec.loader.exec_module(P)
+P.PUBLISHED[cfg['new']] = P.Published('fmnist', cfg['new_sha256'])
+import timm, torch
+import timm_denseres
+
 inputs = torch.load(cfg['inputs'])
 results, tensors = {}, {}
 
@@ -169,13 +180,16 @@ def error(key, fn):
         results[key] = {'error': f'{type(e).__name__}: {e}'}
 
 routes = {'tag': cfg['name'], 'hf_hub': 'hf-hub:' + cfg['repo_id'], 'local_dir': 'local-dir:' + cfg['staged']}
-P.SHA256[cfg['name']] = cfg['sha256']
+P.PUBLISHED[cfg['name']] = P.Published('fmnist', cfg['sha256'])
 for route, name in routes.items():
     logits(route, name, inputs['fm'])
-P.SHA256[cfg['name']] = '0' * 64
+P.PUBLISHED[cfg['name']] = P.Published('fmnist', '0' * 64)
 for route, name in routes.items():
     logits('bad_sum_' + route, name, inputs['fm'])
-P.SHA256[cfg['name']] = cfg['sha256']
+P.PUBLISHED[cfg['name']] = P.Published('fmnist', cfg['sha256'])
+logits('new', cfg['new'], inputs['fm'])
+new_cfg = timm.models.get_pretrained_cfg(cfg['new']).to_dict()
+results['new_cfg'] = {k: new_cfg[k] for k in ('hf_hub_id', 'input_size', 'pool_size', 'mean', 'label_names')}
 logits('warm', cfg['warm'], inputs['in'])
 logits('warm_gate6', cfg['warm'], inputs['in'], gate_logit=6.0)
 if cfg['mnv2_warm']:
@@ -213,8 +227,15 @@ def offline_run(published, tmp_path_factory) -> Dict[str, Any]:
         save_for_hf(mnv2, tmp / 'mnv2', safe_serialization=True)
         fill_hf_cache(cache, get_pretrained_cfg(MNV2_WARM).hf_hub_id, tmp / 'mnv2')
         base_logits['warm_mnv2'] = _logits(mnv2, x_in)
+    # a checkpoint that is not in PUBLISHED yet: the subprocess adds its line
+    new = _random_model('denseresnet20_n4', seed=8, num_classes=10, in_chans=1)
+    save_for_hf(new, tmp / 'new', safe_serialization=True)
+    fill_hf_cache(cache, P.hub_repo_id(NEW), tmp / 'new')
+    base_logits['new'] = _logits(new, published['x'])
     torch.save({'fm': published['x'], 'in': x_in}, tmp / 'inputs.pt')
     cfg = dict(name=FM, repo_id=FM_REPO, staged=str(published['staged']), sha256=published['sha256'], warm=WARM,
+               new=NEW, new_sha256=P.sha256_file(tmp / 'new' / P.WEIGHTS_FILE),
+               pretrained_py=str(REPO_ROOT / 'timm_denseres' / 'pretrained.py'),
                mnv2_warm=MNV2_WARM if HAS_MNV2_WARM else None, inputs=str(tmp / 'inputs.pt'), out=str(tmp / 'out.pt'))
     (tmp / 'cfg.json').write_text(json.dumps(cfg))
     proc = _run(OFFLINE_SCRIPT, [tmp / 'cfg.json'], {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache)})
@@ -234,8 +255,32 @@ def test_tagged_cfgs_point_at_the_hub():
         cfg = get_pretrained_cfg(name)
         assert cfg.hf_hub_id == f'timm-denseres/{name}'
         assert cfg.num_classes == 10 and cfg.input_size == (1, 28, 28) and cfg.mean == (0.2860,)
+        assert cfg.std == (0.3530,) and cfg.crop_pct == 1.0 and cfg.interpolation == 'bilinear'
+        assert cfg.pool_size == (7, 7) and cfg.label_names[0] == 'T-shirt/top' and cfg.first_conv == 'conv1'
+        assert cfg.description == "Trained on Fashion-MNIST (10 classes, 28x28 grayscale) with timm's train.py."
     assert WARM in listed
     assert set(P.WARM_STARTS) >= {WARM}
+
+
+@pytest.mark.parametrize('name', sorted(P.PUBLISHED))
+def test_published_line_makes_the_tagged_cfg(name):
+    """Every tagged cfg of the project is its PUBLISHED line applied to the model's untagged cfg."""
+    arch, tag = name.split('.')
+    registered = get_pretrained_cfg(name).to_dict()
+    assert registered == dict(P.published_cfg(name, get_pretrained_cfg(arch).to_dict()), tag=tag)
+    assert P.PUBLISHED[name].dataset in P.DATASETS
+
+
+def test_a_new_checkpoint_is_one_line_in_published(offline_run, published):
+    """denseresnet20_n4.fmnist is not published; with its line added it has a tagged cfg (the Fashion-MNIST data
+    config on the CIFAR layout, a 7x7 final map) and loads by its tag from the Hub cache, checksum checked."""
+    assert NEW not in timm.list_pretrained('denseresnet20*')
+    result = offline_run['results']['new']
+    assert result.get('ok'), result
+    assert torch.equal(offline_run['logits']['new'], offline_run['base_logits']['new'])
+    assert offline_run['results']['new_cfg'] == dict(
+        hf_hub_id=P.hub_repo_id(NEW), input_size=[1, 28, 28], pool_size=[7, 7], mean=[0.2860],
+        label_names=list(P.FASHION_MNIST['label_names']))
 
 
 def test_untagged_default_is_unchanged():
@@ -265,12 +310,15 @@ def test_export_writes_the_hub_folder_with_the_ema_weights(published):
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == 'denseresnet110_n4' and config['num_classes'] == 10
     assert config['pretrained_cfg']['tag'] == 'fmnist' and config['pretrained_cfg']['input_size'] == [1, 28, 28]
+    assert config['pretrained_cfg']['label_names'] == list(P.FASHION_MNIST['label_names'])
+    assert config[P.CONFIG_SHA256_KEY] == P.sha256_file(folder / P.WEIGHTS_FILE)
     card = ModelCard.load(folder / 'README.md')
     assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
     assert card.data.datasets == ['zalando-datasets/fashion_mnist'] and card.data.metrics == ['accuracy']
     assert card.data.eval_results[0].metric_value == 91.25
     assert 'Dense Residual Networks for Image Classification' in card.text
     assert P.sha256_file(folder / P.WEIGHTS_FILE) in card.text
+    assert f"timm.create_model('{FM}', pretrained=True)" in card.text
     model = timm.create_model(f'local-dir:{folder}', pretrained=True)
     logits = _logits(model, published['x'])
     assert torch.equal(logits, published['ema_logits'])
@@ -280,21 +328,137 @@ def test_export_writes_the_hub_folder_with_the_ema_weights(published):
 def test_export_model_weights_and_refusals(published, tmp_path, record):
     ckpt = published['tmp'] / 'model_best.pth.tar'
     record(FM, None)  # other weights under the same name
-    folder = export_checkpoint.export(ckpt, 'fmnist', weights='model', out_dir=tmp_path)
+    folder = E.export(ckpt, 'fmnist', weights='model', out_dir=tmp_path)
     assert torch.equal(_logits(timm.create_model(f'local-dir:{folder}', pretrained=True), published['x']),
                        published['model_logits'])
-    with pytest.raises(export_checkpoint.ExportError, match='exists and is not empty'):
-        export_checkpoint.export(ckpt, 'fmnist', out_dir=tmp_path)
-    with pytest.raises(export_checkpoint.ExportError, match='not a registered pretrained cfg'):
-        export_checkpoint.export(ckpt, 'cifar100', out_dir=tmp_path)
-    with pytest.raises(export_checkpoint.ExportError, match='not published by the project'):
-        export_checkpoint.export(ckpt, 'a1_in1k_warm', model_name='denseresnet34_n6', out_dir=tmp_path)
+    with pytest.raises(E.ExportError, match='exists and is not empty'):
+        E.export(ckpt, 'fmnist', out_dir=tmp_path)
+    with pytest.raises(E.ExportError, match=r"claims tag 'cifar100' \(CIFAR-100\).*num_classes: the run has 10, "):
+        E.export(ckpt, 'cifar100', out_dir=tmp_path)
+    with pytest.raises(E.ExportError, match='is not a checkpoint of the project'):
+        E.export(ckpt, 'a1_in1k_warm', model_name='denseresnet34_n6', out_dir=tmp_path)
+    with pytest.raises(E.ExportError, match='use letters, digits and underscores'):
+        E.export(ckpt, 'my.tag', out_dir=tmp_path)
     # trained with another normalisation than the tag says: refused, naming the field
     ck = torch.load(ckpt, weights_only=False)
     ck['args'].mean = [0.5]
     torch.save(ck, tmp_path / 'other.pth.tar')
-    with pytest.raises(export_checkpoint.ExportError, match=r'mean: trained with \[0.5\]'):
-        export_checkpoint.export(tmp_path / 'other.pth.tar', 'fmnist', out_dir=tmp_path / 'x')
+    with pytest.raises(E.ExportError, match=rf'mean: the run has \(0.5,\), the published {FM} has \(0.286,\)'):
+        E.export(tmp_path / 'other.pth.tar', 'fmnist', out_dir=tmp_path / 'x')
+
+
+def test_fmnist_class_folders_name_the_fmnist_classes(published, tmp_path, record):
+    """A run on the Fashion-MNIST ImageFolder ('0_t-shirt_top', ...) may claim the fmnist tag: its class folders
+    name the registered classes (case, punctuation and the leading index aside)."""
+    ck = torch.load(published['tmp'] / 'model_best.pth.tar', weights_only=False)
+    ck['args'].data_dir, ck['args'].dataset, ck['args'].train_split = str(SAMPLE), '', 'train'
+    torch.save(ck, tmp_path / 'fmnist.pth.tar')
+    record(FM, None)
+    folder = E.export(tmp_path / 'fmnist.pth.tar', 'fmnist', out_dir=tmp_path)
+    assert json.loads((folder / 'config.json').read_text())['pretrained_cfg']['label_names'][-1] == 'Ankle boot'
+
+
+def _image_folder(root: Path, classes, per_class: int = 1, size: int = 28) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size, size, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, 'L').save(root / name / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory) -> Dict[str, Any]:
+    """A 'digits' run (class folders 0..9, the Fashion-MNIST data config) fine-tuned with train.py from a
+    local-dir: folder of denseresnet20_n4: what timm's train.py writes, with random weights."""
+    tmp = tmp_path_factory.mktemp('digits')
+    start = _random_model('denseresnet20_n4', seed=20, num_classes=10, in_chans=1)
+    start.pretrained_cfg = P.with_data_config(start.pretrained_cfg, P.FASHION_MNIST)
+    save_for_hf(start, tmp / 'start' / 'denseresnet20_n4.fmnist', safe_serialization=True)
+    data = _image_folder(tmp / 'data' / 'train', [str(d) for d in range(10)]).parent
+    arch = f"local-dir:{tmp / 'start' / 'denseresnet20_n4.fmnist'}"
+    tuned = _random_model('denseresnet20_n4', seed=21, num_classes=10, in_chans=1)
+    args = argparse.Namespace(
+        model=arch, pretrained=True, num_classes=10, in_chans=1, input_size=None, img_size=None, mean=None,
+        std=None, crop_pct=None, interpolation='', data_dir=str(data), dataset='', train_split='train', class_map='',
+        model_kwargs={}, epochs=1, batch_size=4)
+    torch.save({'epoch': 0, 'arch': arch, 'args': args, 'state_dict': tuned.state_dict()}, tmp / 'last.pth.tar')
+    return dict(tmp=tmp, ckpt=tmp / 'last.pth.tar', arch=arch, logits=_logits(tuned, _input((2, 1, 28, 28))))
+
+
+def test_a_run_on_other_data_cannot_take_the_fmnist_tag(digits_run, tmp_path):
+    """Same classes count and data config as Fashion-MNIST, other classes: the fmnist card would be a lie."""
+    with pytest.raises(E.ExportError) as info:
+        E.export(digits_run['ckpt'], 'fmnist', out_dir=tmp_path)
+    message = str(info.value)
+    assert "--tag fmnist claims tag 'fmnist' (Fashion-MNIST)" in message
+    assert 'label names: the run has 0, 1, 2, 3' in message and 'T-shirt/top' in message
+    assert 'mean' not in message and 'num_classes' not in message  # only the classes differ
+    assert not (tmp_path / 'denseresnet20_n4.fmnist').exists()
+
+
+def test_own_tag_takes_the_runs_data_config_and_classes(digits_run, tmp_path):
+    folder = E.export(digits_run['ckpt'], 'digits', out_dir=tmp_path, dataset_id='me/digits')
+    assert folder.name == 'denseresnet20_n4.digits'  # the architecture from the local-dir: folder's config.json
+    config = json.loads((folder / 'config.json').read_text())
+    cfg = config['pretrained_cfg']
+    assert config['architecture'] == 'denseresnet20_n4' and config['num_classes'] == 10
+    assert cfg['label_names'] == [str(d) for d in range(10)]
+    assert (cfg['input_size'], cfg['mean'], cfg['std'], cfg['crop_pct'], cfg['pool_size']) == (
+        [1, 28, 28], [0.286], [0.353], 1.0, [7, 7])
+    assert cfg['description'].startswith('Fine-tuned on digits (10 classes, 1x28x28)')
+    assert digits_run['arch'] in cfg['description']
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert list(model.pretrained_cfg['label_names']) == [str(d) for d in range(10)]
+    assert torch.equal(_logits(model, _input((2, 1, 28, 28))), digits_run['logits'])
+    card = ModelCard.load(folder / 'README.md')
+    assert card.data.datasets == ['me/digits'] and "'local-dir:denseresnet20_n4.digits'" in card.text
+    # a repo of one's own needs no line in PUBLISHED; the project's does, to upload
+    staged = H.publish(folder, repo_id='me/denseresnet20_n4.digits', dry_run=True, staging_dir=tmp_path / 'stage')
+    assert sorted(p.name for p in staged.iterdir()) == sorted(P.HUB_FILES)
+    with pytest.raises(H.PublishError, match='denseresnet20_n4.digits has no line in PUBLISHED'):
+        H.publish(folder, dry_run=False, staging_dir=tmp_path / 'stage2')
+    with pytest.raises(H.PublishError, match="repo id 'digits': expected ORG/NAME"):
+        H.publish(folder, repo_id='digits', dry_run=True, staging_dir=tmp_path / 'stage3')
+
+
+def test_export_label_names_and_train_args(digits_run, tmp_path):
+    ckpt = digits_run['ckpt']
+    with pytest.raises(E.ExportError, match=r'3 label names \(--label-names\) for 10 classes'):
+        E.export(ckpt, 'digits', out_dir=tmp_path, label_names=['a', 'b', 'c'])
+    names = [f'digit {d}' for d in range(10)]
+    folder = E.export(ckpt, 'digits', out_dir=tmp_path, label_names=names, dataset_name='Digits')
+    assert json.loads((folder / 'config.json').read_text())['pretrained_cfg']['label_names'] == names
+    # a bare state dict says nothing about its data: train.py's args.yaml does
+    ck = torch.load(ckpt, weights_only=False)
+    torch.save(ck['state_dict'], tmp_path / 'bare.pth')
+    with pytest.raises(RunError, match='--train-args'):
+        E.export(tmp_path / 'bare.pth', 'digits2', model_name=digits_run['arch'], out_dir=tmp_path)
+    (tmp_path / 'args.yaml').write_text(yaml.safe_dump(vars(ck['args'])))
+    folder = E.export(tmp_path / 'bare.pth', 'digits2', train_args=tmp_path / 'args.yaml', out_dir=tmp_path)
+    assert json.loads((folder / 'config.json').read_text())['pretrained_cfg']['input_size'] == [1, 28, 28]
+
+
+class _Anything:
+    """Stands for any class a pickle might name."""
+
+
+def test_a_pickle_is_refused_in_one_line(tmp_path, capsys):
+    torch.save({'state_dict': {}, 'extra': _Anything()}, tmp_path / 'evil.pth.tar')
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
+    with pytest.raises(RunError, match=r'holds Python objects besides tensors .*\(test_pretrained._Anything\)'):
+        E.export(tmp_path / 'evil.pth.tar', 'x', out_dir=tmp_path)
+    for main, argv in ((E.main, [str(tmp_path / 'evil.pth.tar'), '--tag', 'x', '--out-dir', str(tmp_path)]),
+                       (H.main, ['--checkpoint', str(tmp_path / 'evil.pth.tar'), '--tag', 'x', '--dry-run',
+                                 '--staging-dir', str(tmp_path)]),
+                       (E.main, [str(tmp_path / 'text.pth'), '--tag', 'x', '--out-dir', str(tmp_path)])):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        message = str(info.value.code)
+        assert message.startswith('error: ') and '\n' not in message and 'weights_only=False' not in message
+    assert 'is not a checkpoint torch.load can read' in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth.tar', 'text.pth']  # nothing written
 
 
 def test_publish_dry_run_stages_exactly_the_folder(published, tmp_path):
@@ -306,23 +470,38 @@ def test_publish_dry_run_stages_exactly_the_folder(published, tmp_path):
     # a stray file is not uploaded: refused
     bad = _copy_folder(published['folder'], tmp_path / FM)
     (bad / 'notes.txt').write_text('x')
-    with pytest.raises(publish.PublishError, match='notes.txt'):
-        publish.publish(bad, dry_run=True, staging_dir=tmp_path / 'stage')
+    with pytest.raises(H.PublishError, match='notes.txt'):
+        H.publish(bad, dry_run=True, staging_dir=tmp_path / 'stage')
 
 
 def test_publish_refuses_a_wrong_name_or_checksum(published, tmp_path, record):
-    with pytest.raises(publish.PublishError, match='repo name must be'):
-        publish.publish(published['folder'], repo_id='timm-denseres/resnet110.fmnist', dry_run=True,
-                        staging_dir=tmp_path)
+    with pytest.raises(H.PublishError, match='repo name must be'):
+        H.publish(published['folder'], repo_id='timm-denseres/resnet110.fmnist', dry_run=True, staging_dir=tmp_path)
     record(FM, 'f' * 64)
-    with pytest.raises(publish.PublishError, match=f'{"f" * 64} is recorded'):
-        publish.publish(published['folder'], dry_run=True, staging_dir=tmp_path)
+    with pytest.raises(H.PublishError, match=f'but PUBLISHED records {"f" * 64} for {FM}'):
+        H.publish(published['folder'], dry_run=True, staging_dir=tmp_path)
+
+
+def test_publish_refuses_weights_that_are_not_the_exported_ones(published, tmp_path, record):
+    record(FM, None)
+    changed = _copy_folder(published['folder'], tmp_path / 'changed' / FM)
+    data = bytearray((changed / P.WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0x01
+    (changed / P.WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(H.PublishError, match='the weights were changed after the export'):
+        H.publish(changed, dry_run=True, staging_dir=tmp_path / 'stage')
+    old = _copy_folder(published['folder'], tmp_path / 'old' / FM)  # an export from before the field existed
+    config = json.loads((old / 'config.json').read_text())
+    del config[P.CONFIG_SHA256_KEY]
+    (old / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(H.PublishError, match=f'config.json has no {P.CONFIG_SHA256_KEY}: export the checkpoint'):
+        H.publish(old, dry_run=True, staging_dir=tmp_path / 'stage')
 
 
 def test_publish_needs_a_recorded_checksum_to_upload(published, tmp_path, record):
     record(FM, None)
-    with pytest.raises(publish.PublishError, match='no sha256 recorded'):
-        publish.publish(published['folder'], dry_run=False, staging_dir=tmp_path)
+    with pytest.raises(H.PublishError, match=f'{FM} has no line in PUBLISHED'):
+        H.publish(published['folder'], dry_run=False, staging_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +522,10 @@ def test_checksum_is_checked_on_every_route(offline_run, published, route):
     assert published['sha256'] in message and '0' * 64 in message
 
 
+BUNDLED_WAY_OUT = ("load the copy in this checkout, no Hub needed: "
+                   "timm.create_model('local-dir:weights/resnet110.fmnist'")
+
+
 def test_hub_unreachable_offline_says_what_to_do(offline_run):
     for key in ('not_cached_tag', 'not_cached_hf_hub'):
         message = offline_run['results'][key]['error']
@@ -350,20 +533,29 @@ def test_hub_unreachable_offline_says_what_to_do(offline_run):
         assert 'offline mode is on (HF_HUB_OFFLINE=1)' in message
         assert 'timm-denseres/resnet110.fmnist is not in the Hugging Face cache' in message
         assert str(offline_run['cache']) in message
-        for way_out in ('HF_HUB_OFFLINE unset', 'HF_ENDPOINT', "'local-dir:DIR'"):
+        for way_out in (BUNDLED_WAY_OUT, 'HF_HUB_OFFLINE unset', 'HF_ENDPOINT', "'local-dir:DIR'"):
             assert way_out in message, (key, way_out)
 
 
-@pytest.mark.slow
 def test_hub_unreachable_online_says_what_to_do(tmp_path):
-    """Not offline, but the endpoint refuses connections (huggingface_hub retries for ~20 s per file)."""
-    script = ("import timm, timm_denseres\n"
-              "try:\n    timm.create_model('resnet110.fmnist', pretrained=True)\n"
-              "except Exception as e:\n    print(type(e).__name__, e)\n")
+    """Not offline, but the endpoint refuses connections: the Hub is asked once, without huggingface_hub's
+    retries (which log 'Retrying in Ns' and take ~23 s a file), for the tag and for an hf-hub: name."""
+    script = ("import logging, timm, timm_denseres\n"
+              "from timm_denseres.pretrained import create_model\n"
+              "logging.basicConfig()\n"
+              "for create, name in ((timm.create_model, 'resnet110.fmnist'),\n"
+              "                     (create_model, 'hf-hub:timm-denseres/resnet110.fmnist')):\n"
+              "    try:\n        create(name, pretrained=True)\n"
+              "    except Exception as e:\n        print(type(e).__name__, e, '<end>')\n")
     proc = _run(script, [], {'HF_ENDPOINT': 'http://127.0.0.1:9', 'HF_HUB_CACHE': str(tmp_path)})
-    assert proc.stdout.startswith('PretrainedWeightsError'), proc.stdout + proc.stderr[-2000:]
-    assert 'the Hugging Face Hub (http://127.0.0.1:9) could not be reached' in proc.stdout
-    assert "'local-dir:DIR'" in proc.stdout and 'HF_ENDPOINT' in proc.stdout
+    errors = proc.stdout.split('<end>')[:2]
+    assert len(errors) == 2, proc.stdout + proc.stderr[-2000:]
+    for message in errors:
+        assert message.strip().startswith('PretrainedWeightsError'), message
+        assert 'the Hugging Face Hub (http://127.0.0.1:9) could not be reached' in message
+        for way_out in (BUNDLED_WAY_OUT, "'local-dir:DIR'", 'HF_ENDPOINT'):
+            assert way_out in message, way_out
+    assert 'Retrying' not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,10 +641,14 @@ def test_no_weights_for_the_untagged_model():
 
 
 def _folder_with_weights(published, tmp_path: Path, name: str, model: nn.Module) -> Path:
-    """The published config and card with another model's weights, under a name with no recorded checksum."""
+    """The published config and card with another model's weights, under a name with no recorded checksum and
+    with their checksum in config.json: only the fit check can object."""
     folder = _copy_folder(published['folder'], tmp_path / name)
     save_for_hf(model, tmp_path / 'other', safe_serialization=True)
     shutil.copyfile(tmp_path / 'other' / P.WEIGHTS_FILE, folder / P.WEIGHTS_FILE)
+    config = json.loads((folder / 'config.json').read_text())
+    config[P.CONFIG_SHA256_KEY] = P.sha256_file(folder / P.WEIGHTS_FILE)
+    (folder / 'config.json').write_text(json.dumps(config))
     return folder
 
 
@@ -493,18 +689,21 @@ def test_corrupt_safetensors(published, tmp_path, damage):
 
 
 def test_checksum_catches_a_file_that_still_parses(published, tmp_path, record):
-    """A flipped byte in the tensor data loads without complaint; only the checksum sees it."""
-    folder = _copy_folder(published['folder'], tmp_path / FM)
-    path = folder / P.WEIGHTS_FILE
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x01
-    path.write_bytes(bytes(data))
+    """A flipped byte in the tensor data loads without complaint; only a checksum sees it: the one PUBLISHED
+    records for the folder's name, and the one the folder's config.json carries, under any name."""
     record(FM, None)
-    timm.create_model(f'local-dir:{folder}', pretrained=True)  # nothing recorded: loads
+    for name in (FM, 'renamed copy'):
+        folder = _copy_folder(published['folder'], tmp_path / name)
+        path = folder / P.WEIGHTS_FILE
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x01
+        path.write_bytes(bytes(data))
+        message = _error(lambda: timm.create_model(f'local-dir:{folder}', pretrained=True))
+        assert f'{path} has sha256 {P.sha256_file(path)}' in message
+        assert f'its {folder / "config.json"} records {published["sha256"]}' in message
     record(FM, published['sha256'])
-    message = _error(lambda: timm.create_model(f'local-dir:{folder}', pretrained=True))
-    assert f'Checksum mismatch for {FM}: {path} has sha256 {P.sha256_file(path)}' in message
-    assert f'recorded {published["sha256"]}' in message
+    message = _error(lambda: timm.create_model(f'local-dir:{tmp_path / FM}', pretrained=True))
+    assert f'Checksum mismatch for {FM}' in message and f'recorded {published["sha256"]} for the published' in message
 
 
 def test_other_num_classes_and_in_chans_are_adapted(published):
@@ -527,20 +726,23 @@ def test_other_num_classes_and_in_chans_are_adapted(published):
 
 WEIGHTS_FOLDERS = sorted(p for p in (REPO_ROOT / 'weights').glob('*') if (p / P.WEIGHTS_FILE).exists())
 # as recorded in the package: the module fixture `published` replaces the fmnist entry while this module runs
-RECORDED_SHA256 = dict(P.SHA256)
+RECORDED = dict(P.PUBLISHED)
 
 
 @pytest.mark.parametrize('folder', WEIGHTS_FOLDERS, ids=[p.name for p in WEIGHTS_FOLDERS])
 def test_weights_folder_is_recorded_and_loads(folder, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == sorted(P.HUB_FILES)
     assert get_pretrained_cfg(folder.name).hf_hub_id == P.hub_repo_id(folder.name)
-    assert RECORDED_SHA256.get(folder.name) == P.sha256_file(folder / P.WEIGHTS_FILE), 'record it in SHA256'
-    monkeypatch.setitem(P.SHA256, folder.name, RECORDED_SHA256[folder.name])
+    sha256 = P.sha256_file(folder / P.WEIGHTS_FILE)
+    assert RECORDED[folder.name].sha256 == sha256, 'record it in PUBLISHED'
+    assert json.loads((folder / 'config.json').read_text())[P.CONFIG_SHA256_KEY] == sha256
+    monkeypatch.setitem(P.PUBLISHED, folder.name, RECORDED[folder.name])
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     assert model.pretrained_cfg['tag'] == folder.name.split('.', 1)[1]
 
 
-@pytest.mark.parametrize('name', sorted(RECORDED_SHA256))
-def test_recorded_checksum_belongs_to_a_published_tag(name):
+@pytest.mark.parametrize('name', sorted(RECORDED))
+def test_published_line_is_a_registered_tag_with_a_sha256(name):
     assert get_pretrained_cfg(name).hf_hub_id == P.hub_repo_id(name)
-    assert len(RECORDED_SHA256[name]) == 64 and int(RECORDED_SHA256[name], 16) >= 0
+    assert RECORDED[name].dataset in P.DATASETS
+    assert re.fullmatch('[0-9a-f]{64}', RECORDED[name].sha256)

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 
 from timm_denseres import timm_scripts
@@ -182,9 +183,65 @@ def test_main_runs_script_as_main_with_args(isolated_env: Path) -> None:
     timm_scripts.main('train', ['--model', 'resnet110', '--timm-repo', str(repo), '-b', '8'])
     name, argv, registered = ast.literal_eval(record.read_text())
     assert name == '__main__'
-    assert argv == [str(repo / 'train.py'), '--model', 'resnet110', '-b', '8']
+    no_cuda = [] if torch.cuda.is_available() else ['--device', 'cpu']  # the one default resnet110 needs
+    assert argv == [str(repo / 'train.py'), '--model', 'resnet110', '-b', '8', *no_cuda]
     assert registered  # our models are visible to the script
     assert sys.argv == argv_before
+
+
+# --- the defaults the launcher adds ---
+
+NO_CUDA = [] if torch.cuda.is_available() else ['--device', 'cpu']
+FMNIST_FOLDER = f'local-dir:{REPO_ROOT / "weights" / "denseresnet110_n4.fmnist"}'
+
+
+def test_device_cpu_only_without_cuda_and_without_a_choice() -> None:
+    assert timm_scripts.default_args('validate', ['data', '--model', 'resnet20']) == NO_CUDA
+    assert timm_scripts.default_args('train', ['--model', 'resnet20']) == NO_CUDA
+    for given in (['--device', 'cuda:1'], ['--device=cuda']):
+        assert timm_scripts.default_args('validate', ['data', '--model', 'resnet20', *given]) == []
+    # a recipe's device is the user's choice too
+    recipe = ['--config', str(REPO_ROOT / 'recipes' / 'fashion_mnist.yaml')]
+    assert timm_scripts.default_args('train', recipe) == []
+
+
+def test_in_chans_from_the_models_pretrained_cfg() -> None:
+    """timm's scripts build a 3-channel model but take the input size (and image mode) from the pretrained cfg:
+    a 1-channel checkpoint needs --in-chans 1, unless the user set the channels."""
+    for model in (FMNIST_FOLDER, 'denseresnet110_n4.fmnist'):
+        for name in ('train', 'validate'):
+            assert timm_scripts.default_args(name, ['data', '--model', model]) == [*NO_CUDA, '--in-chans', '1']
+    for given in (['--in-chans', '3'], ['--input-size', '3', '28', '28'], ['--in-chans=1']):
+        assert timm_scripts.default_args('validate', ['data', '--model', FMNIST_FOLDER, *given]) == NO_CUDA
+    assert timm_scripts.default_args('validate', ['data', '--model', 'denseresnet110_n4']) == NO_CUDA
+    assert timm_scripts.default_args('validate', ['data', '--model', 'local-dir:/no/such/folder']) == NO_CUDA
+
+
+def _train_checkpoint(path: Path, **arg_values) -> Path:
+    """What timm's train.py saves: its argparse.Namespace beside the weights (random ones here)."""
+    import argparse
+    model = timm.create_model('denseresnet20_n4', num_classes=3, in_chans=1)
+    args = argparse.Namespace(
+        model='denseresnet20_n4', pretrained=False, num_classes=3, in_chans=1, input_size=None, img_size=32,
+        mean=[0.5], std=[0.25], crop_pct=None, interpolation='bilinear', **arg_values)
+    torch.save({'epoch': 0, 'arch': args.model, 'args': args, 'state_dict': model.state_dict()}, path)
+    return path
+
+
+def test_validate_takes_the_data_config_of_a_train_checkpoint(tmp_path: Path) -> None:
+    ckpt = str(_train_checkpoint(tmp_path / 'last.pth.tar'))
+    extra = timm_scripts.default_args('validate', ['data', '--checkpoint', ckpt])
+    crop_pct = timm.models.get_pretrained_cfg('denseresnet20_n4').crop_pct  # train.py's eval took the model's
+    assert extra == [*NO_CUDA, '--model', 'denseresnet20_n4', '--num-classes', '3', '--input-size', '1', '32', '32',
+                     '--mean', '0.5', '--std', '0.25', '--crop-pct', str(crop_pct), '--interpolation', 'bilinear',
+                     '--crop-mode', 'center']
+    # what the user gives stays; their channel count goes with the run's image size
+    given = ['data', '--checkpoint', ckpt, '--model', 'denseresnet20_n4', '--mean', '0.4', '--in-chans', '3']
+    assert timm_scripts.default_args('validate', given) == [
+        *NO_CUDA, '--num-classes', '3', '--input-size', '3', '32', '32', '--std', '0.25', '--crop-pct', str(crop_pct),
+        '--interpolation', 'bilinear', '--crop-mode', 'center']
+    (tmp_path / 'other.pth').write_text('not a checkpoint: validate.py says so itself')
+    assert timm_scripts.default_args('validate', ['data', '--checkpoint', str(tmp_path / 'other.pth')]) == NO_CUDA
 
 
 # --- recipes (need timm's train.py) ---

@@ -342,8 +342,6 @@ default_cfgs = untagged_default({
     'resnet110': _cifar_cfg(),
     'test_denseresnet': _cifar_cfg(num_classes=10),
     **{f'denseresnet110_n{n}': _cifar_cfg() for n in (2, 4, 6, 8)},
-    **hub_cfgs(('resnet110', 'denseresnet110_n4'), 'fmnist', _fmnist_cfg(
-        description='Trained on Fashion-MNIST (10 classes, 28x28 grayscale) with timm\'s train.py.')),
 })
 
 

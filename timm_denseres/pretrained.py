@@ -1,8 +1,10 @@
 """Pretrained weights, the timm way: tagged cfgs that point at the Hugging Face Hub, checked loading, warm starts.
 
-Every published checkpoint is a tagged pretrained_cfg ``{model}.{tag}`` whose ``hf_hub_id`` is
-``timm-denseres/{model}.{tag}`` (the project's Hub organisation, ``HUB_ORG``). Once ``timm_denseres`` is
-imported, timm loads it three ways::
+Every published checkpoint is one entry of ``PUBLISHED``, ``'{model}.{tag}': Published(dataset, sha256)``: the
+family files' ``default_cfgs`` get its tagged pretrained_cfg from it (:func:`untagged_default`), with the data
+config of its dataset (``DATASETS``) and ``hf_hub_id = timm-denseres/{model}.{tag}`` (the project's Hub
+organisation, ``HUB_ORG``); the sha256 is checked on every load. Once ``timm_denseres`` is imported, timm loads
+it three ways::
 
     timm.create_model('denseresnet110_n4.fmnist', pretrained=True)                   # tag (Hub or HF cache)
     timm.create_model('hf-hub:timm-denseres/denseresnet110_n4.fmnist', pretrained=True)
@@ -12,12 +14,14 @@ All three routes end in the model's builder, which calls :func:`build_model_with
 timm's ``build_model_with_cfg`` directly. It still lets timm find, download and read the weights; on top it
 
 - hooks into timm's loading through the one hook timm offers, ``pretrained_filter_fn`` (:class:`LoadChecks`):
-  the sha256 of the weights file is checked against ``SHA256``, warm-start tags get their gates, a 1-channel
-  first conv is brought to timm's 3-channel convention, and a checkpoint that does not fit is refused with the
-  keys that differ;
-- turns what timm raises while reading (Hub unreachable, corrupt safetensors, unknown tag, no weights) into a
-  :class:`PretrainedWeightsError` that says what to do. That part has to be a wrapper around timm's builder:
-  the filter only runs after timm has read the file, so it never sees those failures.
+  the sha256 of the weights file is checked (against ``PUBLISHED`` for a published name, and against the
+  ``weights_sha256`` its folder's ``config.json`` carries, wherever the folder is), warm-start tags get their
+  gates, a 1-channel first conv is brought to timm's 3-channel convention, and a checkpoint that does not fit is
+  refused with the keys that differ;
+- asks the Hub once, without huggingface_hub's retries, before timm downloads anything, so an unreachable Hub
+  (or ``HF_HUB_OFFLINE=1``) fails at once with a :class:`PretrainedWeightsError` that says what to do;
+- turns what timm raises while reading (corrupt safetensors, unknown tag, no weights) into that error too. That
+  part has to be a wrapper around timm's builder: the filter only runs after timm has read the file.
 
 One route is out of the builder's reach: for ``hf-hub:`` names timm downloads ``config.json`` in
 ``timm.create_model`` before any model code runs, so with no Hub and nothing cached the error is
@@ -28,31 +32,32 @@ base network (e.g. ``timm/resnet34.a1_in1k``), downloaded by its ``hf_hub_id``; 
 checkpoint lacks, are set to identity with a logit of ``WARM_START_GATE_LOGIT`` (kwarg ``gate_logit``).
 """
 import hashlib
-import logging
+import json
+import math
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
 from safetensors import SafetensorError
 from timm.models import (
     build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model_pretrained,
-    resolve_pretrained_cfg)
+    parse_model_name, resolve_pretrained_cfg, split_model_name_tag)
 from timm.models._hub import hf_split
 
 __all__ = [
-    'HUB_ORG', 'WEIGHTS_FILE', 'HUB_FILES', 'SHA256', 'WARM_STARTS', 'WARM_START_GATE_LOGIT', 'FASHION_MNIST',
-    'PretrainedWeightsError', 'hub_repo_id', 'hub_cfgs', 'warm_start_cfgs', 'untagged_default',
-    'sha256_file', 'checkpoint_name', 'weights_path', 'verify_checksum', 'warm_start_state_dict',
-    'check_state_dict_fits', 'LoadChecks', 'build_model_with_pretrained', 'create_model', 'hub_error_message',
+    'HUB_ORG', 'WEIGHTS_FILE', 'HUB_FILES', 'CONFIG_SHA256_KEY', 'Dataset', 'DATASETS', 'Published', 'PUBLISHED',
+    'WARM_STARTS', 'WARM_START_GATE_LOGIT', 'FASHION_MNIST', 'PretrainedWeightsError', 'hub_repo_id',
+    'dataset_of_tag', 'with_data_config', 'published_cfg', 'published_cfgs', 'hub_cfgs', 'warm_start_cfgs',
+    'untagged_default', 'sha256_file', 'checkpoint_name', 'weights_path', 'folder_sha256', 'verify_checksum',
+    'warm_start_state_dict', 'check_state_dict_fits', 'LoadChecks', 'build_model_with_pretrained', 'create_model',
+    'hub_error_message', 'bundled_folder',
 ]
-
-_logger = logging.getLogger(__name__)
 
 HUB_ORG = 'timm-denseres'
 """The project's Hugging Face Hub organisation: checkpoint ``{model}.{tag}`` is repo ``timm-denseres/{model}.{tag}``."""
@@ -61,13 +66,50 @@ WEIGHTS_FILE = 'model.safetensors'
 HUB_FILES = ('config.json', WEIGHTS_FILE, 'README.md')
 """Exactly the files of a published checkpoint (a ``weights/`` folder and its Hub repo)."""
 
-SHA256: Dict[str, str] = {
-    # '{model}.{tag}': sha256 of its model.safetensors. scripts/export_checkpoint.py prints the line to add here
-    # when it writes a weights/ folder; tests/test_pretrained.py checks every weights/ folder against it.
-    'resnet110.fmnist': '2bbea468bc8c7366984682ebadbbb3eeb9bb45be14f8f3e5fd7c1cd01f673649',
-    'denseresnet110_n4.fmnist': '96cadcd21b66d7d31ea44731d6a54c1e055d284e77f16df6f9cf749ceb47a5d8',
+CONFIG_SHA256_KEY = 'weights_sha256'
+"""Top-level field of a checkpoint folder's ``config.json``: the sha256 of its ``model.safetensors``, so that the
+folder carries its own checksum wherever it is copied to (timm ignores unknown top-level fields)."""
+
+FASHION_MNIST: Dict[str, Any] = dict(
+    num_classes=10, input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0, interpolation='bilinear',
+    label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                 'Ankle boot'),
+)
+"""Data config of the Fashion-MNIST checkpoints (mean/std of the train split; the whole 28x28 image at test)."""
+
+
+class Dataset(NamedTuple):
+    """What the checkpoints of a tag were trained on: the model card's metadata and the tagged cfg's data config."""
+    name: str
+    hub_id: Optional[str]  # the Hub dataset id, for the card's metadata
+    split: str  # the split the card's accuracy is measured on
+    description: str  # the tagged cfg's description
+    data: Optional[Dict[str, Any]] = None  # data config and label names; None: the model's own untagged cfg's
+
+
+DATASETS: Dict[str, Dataset] = {
+    'fmnist': Dataset('Fashion-MNIST', 'zalando-datasets/fashion_mnist', 'test',
+                      "Trained on Fashion-MNIST (10 classes, 28x28 grayscale) with timm's train.py.", FASHION_MNIST),
+    # the untagged cfgs of the paper's models are these datasets' set-ups already
+    'cifar100': Dataset('CIFAR-100', 'uoft-cs/cifar100', 'test', "Trained on CIFAR-100 with timm's train.py."),
+    'in1k': Dataset('ImageNet-1k', 'ILSVRC/imagenet-1k', 'validation', "Trained on ImageNet-1k with timm's train.py."),
 }
-"""Recorded sha256 of each published weights file, checked on every load (tag, hf-hub:, local-dir:)."""
+"""Datasets a tag can name: tag ``fmnist`` (or ``..._fmnist``, timm's ``a1_in1k`` style) claims Fashion-MNIST."""
+
+
+class Published(NamedTuple):
+    """A checkpoint of the project: what it was trained on and the checksum of its weights."""
+    dataset: str  # a key of DATASETS
+    sha256: str  # of its model.safetensors
+
+
+PUBLISHED: Dict[str, Published] = {
+    # '{model}.{tag}': one line per checkpoint of the project's Hub organisation. timm_denseres.export prints the
+    # line when it writes a folder; tests/test_pretrained.py checks every weights/ folder against it.
+    'resnet110.fmnist': Published('fmnist', '2bbea468bc8c7366984682ebadbbb3eeb9bb45be14f8f3e5fd7c1cd01f673649'),
+    'denseresnet110_n4.fmnist': Published('fmnist', '96cadcd21b66d7d31ea44731d6a54c1e055d284e77f16df6f9cf749ceb47a5d8'),
+}
+"""The published checkpoints: their tagged cfgs are made from this table, and each load checks the sha256."""
 
 WARM_STARTS: Dict[str, str] = {}
 """``{model}.{tag}`` of each warm-start cfg -> the timm checkpoint it starts from (filled by warm_start_cfgs)."""
@@ -78,13 +120,6 @@ WARM_START_GATE_LOGIT = 16.0
 tests/test_pretrained.py checks 1e-4). The price: gate gradients shrink by the same ~1e-7, so fine-tuning leaves
 the gates at identity. Pass ``gate_logit=4`` to ``6`` for gates that train from the first step, at the cost of a
 start that differs from the base network (MODEL_CARD.md has the measured trade-off)."""
-
-FASHION_MNIST: Dict[str, Any] = dict(
-    num_classes=10, input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0, interpolation='bilinear',
-    label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
-                 'Ankle boot'),
-)
-"""Data config of the Fashion-MNIST checkpoints (mean/std of the train split; the whole 28x28 image at test)."""
 
 # Hub errors that mean "could not get the file"; LocalEntryNotFoundError is what a missing network gives.
 _HUB_ERRORS = (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError,
@@ -110,6 +145,44 @@ def hub_repo_id(name: str) -> str:
 def hub_cfgs(models: Iterable[str], tag: str, cfg: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Tagged cfgs ``{model}.{tag}`` of checkpoints published in the project's Hub organisation."""
     return {f'{m}.{tag}': dict(cfg, hf_hub_id=hub_repo_id(f'{m}.{tag}')) for m in models}
+
+
+def dataset_of_tag(tag: Optional[str]) -> Optional[str]:
+    """The key of ``DATASETS`` a tag names: ``'fmnist'`` -> ``'fmnist'``, ``'a1_in1k'`` -> ``'in1k'``, else None."""
+    if not tag:
+        return None
+    for key in (tag, tag.rsplit('_', 1)[-1]):
+        if key in DATASETS:
+            return key
+    return None
+
+
+def with_data_config(base_cfg: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
+    """``base_cfg`` with another data config (input size, mean/std, classes, ...); its ``pool_size`` (the final
+    feature map) follows the input size, and test-time sizes that belonged to the old input are dropped."""
+    cfg = dict(base_cfg, **data)
+    for key in ('test_input_size', 'test_crop_pct', 'min_input_size', 'test_pool_size'):
+        if key not in data:
+            cfg.pop(key, None)
+    old, new, pool = base_cfg.get('input_size'), cfg.get('input_size'), base_cfg.get('pool_size')
+    if pool and old and new and 'pool_size' not in data:
+        cfg['pool_size'] = tuple(math.ceil(p * n / o) for p, n, o in zip(pool, new[1:], old[1:]))
+    return cfg
+
+
+def published_cfg(name: str, base_cfg: Dict[str, Any], dataset: Optional[str] = None) -> Dict[str, Any]:
+    """The tagged cfg of checkpoint ``name`` (``{model}.{tag}``) of the project's organisation: the model's
+    untagged ``base_cfg`` with the data config of its dataset (``PUBLISHED``, or ``dataset``, a key of DATASETS)."""
+    model, tag = split_model_name_tag(name)
+    info = DATASETS[dataset or PUBLISHED[name].dataset]
+    cfg = with_data_config(base_cfg, info.data or {})
+    return hub_cfgs([model], tag, dict(cfg, description=info.description))[name]
+
+
+def published_cfgs(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """The tagged cfg of every checkpoint in ``PUBLISHED`` whose model has its untagged cfg in ``cfgs``."""
+    return {name: published_cfg(name, cfgs[split_model_name_tag(name)[0]])
+            for name in PUBLISHED if split_model_name_tag(name)[0] in cfgs}
 
 
 def warm_start_cfgs(
@@ -149,13 +222,15 @@ def warm_start_cfgs(
 
 
 def untagged_default(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """timm's ``generate_default_cfgs``, but the untagged cfg stays each model's default.
+    """timm's ``generate_default_cfgs`` of a model family's cfgs and of their published checkpoints
+    (:func:`published_cfgs`: a new ``PUBLISHED`` line is all a new checkpoint needs), the untagged cfg staying each
+    model's default.
 
     timm makes the first tag *with weights* the default, so adding ``denseresnet110_n4.fmnist`` would turn plain
     ``create_model('denseresnet110_n4')`` into a 10-class, 1-channel Fashion-MNIST model. The paper's defaults
     (CIFAR-100, ImageNet) must not change when a checkpoint is published, so the untagged cfg is moved first.
     """
-    out = generate_default_cfgs(cfgs)
+    out = generate_default_cfgs({**cfgs, **published_cfgs(cfgs)})
     for default_cfg in out.values():
         if '' in default_cfg.tags:
             default_cfg.tags.remove('')
@@ -180,67 +255,99 @@ def _is_file_source(cfg: Dict[str, Any]) -> bool:
     return cfg.get('source') not in ('hf-hub', 'local-dir') and cfg.get('state_dict') is None and bool(cfg.get('file'))
 
 
-def checkpoint_name(cfg: Dict[str, Any]) -> Optional[str]:
-    """The ``{model}.{tag}`` a checkpoint is published as, which keys its recorded checksum.
+def _hub_source(cfg: Dict[str, Any]) -> Optional[Tuple[str, Optional[str]]]:
+    """(repo id, revision) when timm downloads the weights from the Hub for this cfg (tag or ``hf-hub:``)."""
+    if cfg.get('source') == 'local-dir' or _is_file_source(cfg) or cfg.get('state_dict') is not None:
+        return None
+    return hf_split(cfg['hf_hub_id']) if cfg.get('hf_hub_id') else None
 
-    Tag route: the cfg's architecture and tag. ``hf-hub:ORG/NAME``: NAME. ``local-dir:DIR``: DIR's folder name
-    (a ``weights/`` folder, a publish staging folder and ``hf download --local-dir`` all keep the repo name). So a
-    user's own fine-tune, saved under another name, is not held to a published checksum.
+
+def checkpoint_name(cfg: Dict[str, Any]) -> Optional[str]:
+    """The ``{model}.{tag}`` a checkpoint is published as, which keys its line in ``PUBLISHED``.
+
+    Tag route: the cfg's architecture and tag. ``hf-hub:timm-denseres/NAME``: NAME (another organisation's repo is
+    not the project's). ``local-dir:DIR``: DIR's folder name (a ``weights/`` folder, a publish staging folder and
+    ``hf download --local-dir`` all keep the repo name). So a user's own fine-tune, saved under another name, is
+    held only to the checksum in its own config.json.
     """
     source = cfg.get('source')
     if source == 'hf-hub':
-        return hf_split(cfg['hf_hub_id'])[0].split('/')[-1]
+        org, _, name = hf_split(cfg['hf_hub_id'])[0].rpartition('/')
+        return name if org == HUB_ORG else None
     if source == 'local-dir':
         return Path(cfg['file']).name
     if _is_file_source(cfg):
         return Path(cfg['file']).parent.name
-    if cfg.get('state_dict') is None and cfg.get('hf_hub_id') and cfg.get('tag'):
+    if _hub_source(cfg) and cfg.get('tag'):
         return f"{cfg['architecture']}.{cfg['tag']}"
     return None
 
 
+def _from_hf_cache(repo_id: str, filename: str, revision: Optional[str],
+                   cache_dir: Optional[Union[str, Path]]) -> Optional[Path]:
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
 def weights_path(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
     """The file timm reads the weights from for this cfg, if it is on disk (None for an in-memory state dict)."""
-    source = cfg.get('source')
-    if source == 'local-dir':
+    if cfg.get('source') == 'local-dir':
         path = Path(cfg['file']) / WEIGHTS_FILE
         return path if path.is_file() else None
     if _is_file_source(cfg):
         return Path(cfg['file'])
-    if cfg.get('state_dict') is None and cfg.get('hf_hub_id'):
+    hub = _hub_source(cfg)
+    if hub is None:
+        return None
+    repo_id, revision = hub
+    return _from_hf_cache(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision, cache_dir)
+
+
+def _config_path(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
+    """The config.json timm built this cfg from: a ``local-dir:`` folder's, or an ``hf-hub:`` repo's (HF cache)."""
+    if cfg.get('source') == 'local-dir':
+        return Path(cfg['file']) / 'config.json'
+    if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
         repo_id, revision = hf_split(cfg['hf_hub_id'])
-        found = try_to_load_from_cache(
-            repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, cache_dir=cache_dir, revision=revision)
-        return Path(found) if isinstance(found, str) else None
+        return _from_hf_cache(repo_id, 'config.json', revision, cache_dir)
     return None
 
 
-def _is_published(name: Optional[str]) -> bool:
-    """A checkpoint of the project's organisation (as opposed to timm's, or a user's own)."""
-    if not name or not is_model_pretrained(name):
-        return False
-    return (get_pretrained_cfg(name).hf_hub_id or '').startswith(HUB_ORG + '/')
+def folder_sha256(config_path: Union[str, Path]) -> Optional[str]:
+    """The sha256 a checkpoint folder's config.json records for its weights (``CONFIG_SHA256_KEY``), if any."""
+    try:
+        return json.loads(Path(config_path).read_text()).get(CONFIG_SHA256_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
-def verify_checksum(cfg: Dict[str, Any], path: Optional[Path]) -> None:
-    """Compare the weights file with the sha256 recorded in ``SHA256`` for its checkpoint name."""
+def verify_checksum(cfg: Dict[str, Any], path: Optional[Path], cache_dir: Optional[Union[str, Path]] = None) -> None:
+    """Compare the weights file with each sha256 recorded for it: ``PUBLISHED`` for its checkpoint name, and the
+    ``weights_sha256`` of the config.json it came with (``local-dir:``, ``hf-hub:``)."""
     name = checkpoint_name(cfg)
-    expected = SHA256.get(name) if name else None
-    if expected is None:
-        if _is_published(name):
-            _logger.warning(f'No sha256 is recorded for {name} in timm_denseres.pretrained.SHA256: not verified.')
+    expected = []  # (sha256, who recorded it)
+    if name in PUBLISHED:
+        sha256 = PUBLISHED[name].sha256
+        expected.append((sha256, f'timm_denseres recorded {sha256} for the published {name}'))
+    config_path = _config_path(cfg, cache_dir)
+    sha256 = folder_sha256(config_path) if config_path else None
+    if sha256:
+        expected.append((sha256, f'its {config_path} records {sha256}'))
+    if not expected:
         return
+    what = name or cfg.get('architecture')
     if path is None:
         raise PretrainedWeightsError(
-            f'Cannot verify the weights of {name}: the {WEIGHTS_FILE} that timm read was not found on disk '
+            f'Cannot verify the weights of {what}: the {WEIGHTS_FILE} that timm read was not found on disk '
             f'(cfg source: {cfg.get("source") or "tag"}, hf_hub_id: {cfg.get("hf_hub_id")}).')
     actual = sha256_file(path)
-    if actual != expected:
-        raise PretrainedWeightsError(
-            f'Checksum mismatch for {name}: {path} has sha256 {actual}, but timm_denseres recorded {expected}. '
-            f'The file is corrupt or is not the published {name}. Delete it (for the Hugging Face cache: '
-            f'`hf cache delete`, or remove the repo folder from {hf_constants.HF_HUB_CACHE}) and load again; '
-            f'if the Hub repo was updated on purpose, upgrade timm_denseres.')
+    for sha256, recorded in expected:
+        if actual != sha256:
+            raise PretrainedWeightsError(
+                f'Checksum mismatch for {what}: {path} has sha256 {actual}, but {recorded}. The file is corrupt or '
+                f'is not the checkpoint it is named as. Delete it (for the Hugging Face cache: `hf cache delete`, '
+                f'or remove the repo folder from {hf_constants.HF_HUB_CACHE}) and load again; if a published Hub '
+                f'repo was updated on purpose, upgrade timm_denseres.')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,7 +483,7 @@ class LoadChecks:
     def __call__(self, state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
         cfg = model.pretrained_cfg
         path = weights_path(cfg, self.cache_dir)
-        verify_checksum(cfg, path)
+        verify_checksum(cfg, path, self.cache_dir)
         name = f"{cfg.get('architecture')}.{cfg.get('tag')}"
         if name in WARM_STARTS and not any(_is_gate_key(k) for k in state_dict):
             # the base network's weights: the dense model keeps timm's parameter names, so only the gates are new
@@ -413,26 +520,61 @@ def _check_tag(variant: str, tag: str) -> None:
             f"what each is and which are still to be trained).")
 
 
+def bundled_folder(name: str) -> Optional[Path]:
+    """The ``weights/{name}`` folder of the checkout this package runs from, if it holds that checkpoint."""
+    folder = Path(__file__).resolve().parent.parent / 'weights' / name
+    return folder if (folder / WEIGHTS_FILE).is_file() else None
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it (``weights/...`` in the checkout)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def hub_error_message(what: str, repo_id: str, error: Exception, cache_dir: Optional[Union[str, Path]] = None) -> str:
     """What went wrong getting ``repo_id`` from the Hub, and the ways out."""
+    org, _, repo_name = repo_id.rpartition('/')
+    folder = bundled_folder(repo_name) if org == HUB_ORG else None
+    local = f"timm.create_model('local-dir:{_shown(folder)}', pretrained=True)" if folder else None
     endpoint = hf_constants.ENDPOINT
     if isinstance(error, RepositoryNotFoundError):
         return (f'Cannot load {what}: {repo_id} does not exist on {endpoint} (or is private). If it is a '
-                f'timm_denseres checkpoint, it may not be published yet: see MODEL_CARD.md.')
+                f'timm_denseres checkpoint, it may not be published yet: see MODEL_CARD.md.'
+                + (f' This checkout has it: {local}.' if local else ''))
     if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
         return f'Cannot load {what}: the Hub repo {repo_id} has no {WEIGHTS_FILE} / config.json ({error}).'
     cache = cache_dir or hf_constants.HF_HUB_CACHE
     if hf_constants.HF_HUB_OFFLINE:
         reason = 'offline mode is on (HF_HUB_OFFLINE=1)'
     else:
-        reason = f'the Hugging Face Hub ({endpoint}) could not be reached'
+        reason = f'the Hugging Face Hub ({endpoint}) could not be reached ({type(error).__name__}: {error})'
     return (
         f'Cannot load {what}: {reason} and {repo_id} is not in the Hugging Face cache ({cache}). Either:\n'
-        f'  - allow the download once: be online with HF_HUB_OFFLINE unset;\n'
+        + (f'  - load the copy in this checkout, no Hub needed: {local};\n' if local else '')
+        + f'  - allow the download once: be online with HF_HUB_OFFLINE unset;\n'
         f'  - use a Hub mirror you can reach: set HF_ENDPOINT=https://your-mirror;\n'
         f'  - fetch the folder where the Hub is reachable (`hf download {repo_id} --local-dir DIR`), copy it here '
         f"and load it with timm.create_model('local-dir:DIR', pretrained=True);\n"
         f'  - or copy a Hugging Face cache that holds it to HF_HUB_CACHE and set HF_HUB_OFFLINE=1.')
+
+
+def _ask_hub(repo_id: str, filename: str, revision: Optional[str], what: str,
+             cache_dir: Optional[Union[str, Path]]) -> None:
+    """Raise the clear error at once when the Hub cannot give ``filename``: one request, without the retries of
+    huggingface_hub's download (~23 s per file on a failed connection, and timm asks for two files)."""
+    if hf_constants.HF_HUB_OFFLINE:
+        raise PretrainedWeightsError(hub_error_message(what, repo_id, OfflineModeIsEnabled('offline'), cache_dir))
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    except RepositoryNotFoundError as e:
+        raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir)) from e
+    except HfHubHTTPError:
+        return  # the Hub answered (a gated repo, another file name, ...): timm's own download handles it
+    except Exception as e:  # huggingface_hub raises its HTTP client's own errors for a failed connection
+        raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir)) from e
 
 
 def build_model_with_pretrained(
@@ -475,6 +617,10 @@ def build_model_with_pretrained(
                                      f"({', '.join(HUB_FILES)}).")
 
     cache_dir = kwargs.get('cache_dir')
+    hub = _hub_source(cfg)
+    if hub and weights_path(cfg, cache_dir) is None:
+        repo_id, revision = hub
+        _ask_hub(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision, f'the weights of {name}', cache_dir)
     checks = LoadChecks(cache_dir=cache_dir, gate_logit=gate_logit)
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checks, **kwargs)
@@ -493,8 +639,14 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     """``timm.create_model``, with the clear Hub error also for ``hf-hub:`` names.
 
     For ``hf-hub:`` names timm fetches ``config.json`` before any DenseResNet code runs; when that fails this
-    raises :class:`PretrainedWeightsError` (with what to do) instead of huggingface_hub's error.
+    raises :class:`PretrainedWeightsError` (with what to do) instead of huggingface_hub's error, and at once
+    instead of after huggingface_hub's retries.
     """
+    source, model_id = parse_model_name(model_name)
+    if source == 'hf-hub':
+        repo_id, revision = hf_split(model_id)
+        if _from_hf_cache(repo_id, 'config.json', revision, kwargs.get('cache_dir')) is None:
+            _ask_hub(repo_id, 'config.json', revision, f'the config of {model_name}', kwargs.get('cache_dir'))
     try:
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except _HUB_ERRORS as e:

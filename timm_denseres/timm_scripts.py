@@ -9,7 +9,15 @@ timm ships those scripts in its repository, not in the wheel, so they are found 
    (base URL overridable with env `TIMM_DENSERES_SCRIPTS_URL`).
 
 Every other argument goes to the script as given, so the scripts' own documentation applies, and
-`torchrun --nproc_per_node=2 scripts/train.py ...` works: each rank runs the script.
+`torchrun --nproc_per_node=2 scripts/train.py ...` works: each rank runs the script. Where the user set them
+neither on the command line nor in a `--config` file, a few flags are added that the scripts' own defaults get
+wrong here (:func:`default_args`):
+
+- `--device cpu` when CUDA is not available (the scripts default to `cuda` and stop with "Found no NVIDIA driver");
+- `--in-chans C` when the model's pretrained cfg (a tag, a `local-dir:` folder, a cached `hf-hub:` repo) has C != 3
+  input channels: the scripts build a 3-channel model but take the input size, and so the image mode, from that cfg;
+- validate.py with `--checkpoint` of a train.py run: the model, class count and data config (input size, mean/std,
+  crop_pct, interpolation) of that run, read from the checkpoint.
 """
 import os
 import re
@@ -21,15 +29,19 @@ import urllib.request
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import timm
+import torch
+import yaml
+
+from .train_run import RunError, read_train_run, run_data_config, start_cfg
 
 # Importing anything from this module has already run timm_denseres/__init__.py, which registers the models
 # with timm's registry: that is all the scripts need to find them by name.
 
-__all__ = ['TimmScriptError', 'resolve_script', 'run_script', 'main', 'train_main', 'validate_main',
-           'unknown_recipe_keys']
+__all__ = ['TimmScriptError', 'resolve_script', 'run_script', 'default_args', 'main', 'train_main',
+           'validate_main', 'unknown_recipe_keys']
 
 SCRIPT_NAMES = ('train', 'validate')
 DEFAULT_URL_BASE = 'https://raw.githubusercontent.com/huggingface/pytorch-image-models'
@@ -160,6 +172,87 @@ def allow_cpu_ddp() -> None:
         cls.prepare_distributed = prepare_distributed
 
 
+def _is_given(args: Sequence[str], *flags: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + '=') for arg in args for flag in flags)
+
+
+def _value(args: Sequence[str], *flags: str) -> Optional[str]:
+    """The value of the last ``--flag VALUE`` or ``--flag=VALUE`` in args."""
+    value = None
+    for i, arg in enumerate(args):
+        for flag in flags:
+            if arg == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(flag + '='):
+                value = arg.split('=', 1)[1]
+    return value
+
+
+def _recipe(name: str, args: Sequence[str]) -> dict:
+    """The keys of train.py's ``--config`` YAML (train.py reports a file it cannot read)."""
+    path = _value(args, '-c', '--config') if name == 'train' else None
+    try:
+        config = yaml.safe_load(Path(path).read_text()) if path else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _checkpoint_args(args: Sequence[str], given: Callable[..., bool]) -> List[str]:
+    """validate.py's model, class and data flags from the run of a train.py ``--checkpoint``, those the user left
+    out."""
+    path = _value(args, '--checkpoint')
+    if not path or not Path(path).is_file():
+        return []
+    try:
+        run = read_train_run(Path(path))
+        if run.args is None or not run.model:
+            return []
+        model = _value(args, '--model', '-m') or run.model
+        data = run_data_config(run.args, start_cfg(model)[1])
+    except RunError:
+        return []  # validate.py says what is wrong with the file
+    extra = [] if given('model', '--model', '-m') else ['--model', run.model]
+    values = {'--num-classes': [data['num_classes']], '--input-size': data['input_size'], '--mean': data['mean'],
+              '--std': data['std'], '--crop-pct': [data['crop_pct']], '--interpolation': [data['interpolation']],
+              '--crop-mode': [data['crop_mode']]}
+    chans = _value(args, '--in-chans')
+    if chans:  # the user's channel count, the run's image size
+        values['--input-size'] = (chans, *values['--input-size'][1:])
+    for flag, value in values.items():
+        blocked = ('--img-size',) if flag == '--input-size' else ()
+        if not given(flag[2:].replace('-', '_'), flag, *blocked):
+            extra += [flag, *map(str, value)]
+    return extra
+
+
+def _model_in_chans(model: str) -> Optional[int]:
+    try:
+        return int(start_cfg(model)[1]['input_size'][0])
+    except (RunError, KeyError, TypeError, ValueError):
+        return None  # the script reports a model it cannot build
+
+
+def default_args(name: str, args: Sequence[str]) -> List[str]:
+    """Flags to add to ``args`` for timm's ``name`` script (see the module docstring); empty when none is needed."""
+    recipe = _recipe(name, args)
+
+    def given(dest: str, *flags: str) -> bool:
+        return dest in recipe or _is_given(args, *flags)
+
+    extra = []
+    if not given('device', '--device') and not torch.cuda.is_available():
+        extra += ['--device', 'cpu']
+    if name == 'validate':
+        extra += _checkpoint_args(args, given)
+    if not (given('in_chans', '--in-chans') or given('input_size', '--input-size') or _is_given(extra, '--input-size')):
+        model = _value(args, '--model', '-m') or recipe.get('model')
+        chans = _model_in_chans(model) if model else None
+        if chans and chans != 3:
+            extra += ['--in-chans', str(chans)]
+    return extra
+
+
 def run_script(script: Path, args: Sequence[str]) -> None:
     """Run a script file as `python script args...` would, in this process (models stay registered)."""
     saved_argv = sys.argv
@@ -179,7 +272,7 @@ def main(name: str, args: Optional[Sequence[str]] = None) -> None:
         sys.exit(f'error: {e}')
     if name == 'train':
         allow_cpu_ddp()
-    run_script(script, rest)
+    run_script(script, [*rest, *default_args(name, rest)])
 
 
 def train_main() -> None:
