@@ -1,11 +1,12 @@
 """Small shared helpers for the tests: which models the plugin registers, inputs sized for them, and gates and
 modules with random (non-trivial) weights."""
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models import get_pretrained_cfg_value, model_entrypoint
 from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -56,17 +57,24 @@ def reduced(size: int, reduction: int) -> int:
     return math.ceil(size / reduction)
 
 
-def randomise(module: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial weights and BatchNorm statistics everywhere, seeded (the default init zeroes the last BN of
-    each branch, which would make branches vanish and comparisons trivial). Returns the module."""
+def randomise(module: nn.Module, seed: int, weight_noise: Optional[float] = None) -> nn.Module:
+    """Non-trivial weights, seeded: every weight and bias moved off its init, and each BatchNorm given random
+    statistics and an affine scale below one, so that deep random networks stay well-conditioned. (The default
+    init zeroes the last BN of each branch, which would make branches vanish and comparisons trivial.)
+    ``weight_noise``: the spread of the weights' noise, instead of half their own (a single layer can take more)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() == 1 else 0.1))
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norm_params = {id(p) for m in norms for p in (m.weight, m.bias) if p is not None}
+        for p in module.parameters():  # weights by half their spread (deep networks stay bounded), biases by 0.1
+            if id(p) not in norm_params:
+                scale = (0.5 * p.std().item() if weight_noise is None else weight_noise) if p.dim() > 1 else 0.1
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+        for m in norms:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.5 + 0.25)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
     return module
 
 
@@ -75,7 +83,7 @@ def make_gate(channels: int, valid: List[int], reduction: int, seed: int, relu: 
     after the mix (as a DenseResNet block), else none (as a DenseMobileNetV2 block)."""
     torch.manual_seed(seed)
     gate = DenseGate(channels, len(valid), reduction, valid, out_act=nn.ReLU() if relu else None)
-    return randomise(gate, seed)
+    return randomise(gate, seed, weight_noise=0.1)
 
 
 def zero_branches(model: nn.Module) -> nn.Module:
@@ -85,6 +93,16 @@ def zero_branches(model: nn.Module) -> nn.Module:
         nn.init.zeros_(last_bn.weight)
         nn.init.zeros_(last_bn.bias)
     return model
+
+
+def reference_adjust(x: torch.Tensor, channels: int, pool: bool) -> torch.Tensor:
+    """An earlier block output in a block's shape, as the paper says it: ceil-mode 2x2 average pool if the block
+    strides, then zero-padded or cut to ``channels``."""
+    if pool:
+        x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+    if x.shape[1] < channels:
+        x = torch.cat([x, x.new_zeros(x.shape[0], channels - x.shape[1], x.shape[2], x.shape[3])], dim=1)
+    return x[:, :channels]
 
 
 def num_params(model: nn.Module) -> int:

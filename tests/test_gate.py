@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_denseres  # noqa: F401  registers the models
-from helpers import fx_feature_model, make_gate, randomise, zero_branches
+from helpers import fx_feature_model, make_gate, randomise, reference_adjust, zero_branches
 from timm_denseres._dense import History, avg_pool_2x2
 from timm_denseres.gate import GateBatchNorm, gate_hidden_channels, pad_channels
 from timm_denseres.gate_stats import gate_modules, record_gates
@@ -52,14 +52,6 @@ def reference_gate(gate, y: torch.Tensor, inbounds: List[torch.Tensor]):
     if isinstance(gate.out_act, nn.ReLU):
         out = F.relu(out)
     return out, v, w
-
-
-def reference_adjust(x: torch.Tensor, channels: int, pool: bool) -> torch.Tensor:
-    if pool:
-        x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
-    if x.shape[1] < channels:
-        x = torch.cat([x, x.new_zeros(x.shape[0], channels - x.shape[1], x.shape[2], x.shape[3])], dim=1)
-    return x[:, :channels]
 
 
 def reference_denseresnet(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +187,7 @@ def test_gate_matches_reference(channels, valid, size, reduction, training, batc
     out.backward(grad)
     ref_out.backward(grad)
     for k, (t, r) in enumerate(zip(inputs, ref_inputs)):
-        torch.testing.assert_close(t.grad, r.grad[:, :t.shape[1]], **TOL, msg=f'input {k}')
+        torch.testing.assert_close(t.grad, r.grad[:, :t.shape[1]], **TOL, msg=lambda m, k=k: f"input {k}: {m}")
     assert_grads_close(gate, ref)
     assert_buffers_close(gate, ref)
     for t, b in zip(inputs, before):  # nothing writes into an input that autograd records

@@ -32,7 +32,7 @@ from PIL import Image
 from timm.models import get_pretrained_cfg, save_for_hf
 
 import timm_denseres  # noqa: F401  registers the models
-from helpers import randomize_norms
+from helpers import randomise, reference_adjust
 from timm_denseres import export as E
 from timm_denseres import hub as H
 from timm_denseres import pretrained as P
@@ -56,7 +56,7 @@ TOL = 1e-4  # the issue's bound on warm-start logits
 
 def _random_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return randomize_norms(timm.create_model(name, **kwargs), seed + 1)
+    return randomise(timm.create_model(name, **kwargs), seed + 1).eval()
 
 
 def _input(shape, seed: int = 0) -> torch.Tensor:
@@ -593,8 +593,7 @@ def test_warm_start_from_mobilenetv2_loads_by_its_tag(offline_run):
 def test_mobilenetv2_warm_start_is_exact_where_mobilenetv2_has_a_skip():
     """Why the MobileNetV2 warm start is approximate, block by block: with identity gates a dense block computes
     timm's block where timm has a skip, and timm's block plus the parameter-free shortcut where it has none.
-    Each dense block's input and output are read with hooks (``history[-1]`` is the latest output)."""
-    from timm_denseres.gate import adjust_inbound
+    Each dense block's input and output are read with hooks (the history's latest output)."""
     base = _random_model('mobilenetv2_100', seed=4)
     dense = timm.create_model('densemobilenetv2_n4').eval()
     dense.load_state_dict(P.warm_start_state_dict(base.state_dict(), dense))
@@ -602,12 +601,12 @@ def test_mobilenetv2_warm_start_is_exact_where_mobilenetv2_has_a_skip():
     dense_blocks = [b for stage in dense.blocks for b in stage]
     assert len(base_blocks) == len(dense_blocks) == 17
     seen = []
-    hooks = [d.register_forward_hook(lambda m, inputs, output: seen.append((inputs[0][-1], output[-1])))
+    hooks = [d.register_forward_hook(lambda m, inputs, output: seen.append((inputs[0].outputs[-1], output.outputs[-1])))
              for d in dense_blocks]
     with torch.no_grad():
         dense(_input((2, 3, 64, 64), seed=7))
         for i, (b, d, (x, out)) in enumerate(zip(base_blocks, dense_blocks, seen)):
-            expected = b(x) if b.has_skip else b(x) + adjust_inbound(x, d.in_chs, d.out_chs, d.pool)
+            expected = b(x) if b.has_skip else b(x) + reference_adjust(x, d.out_chs, d.pool)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4, msg=f'block {i}')
     for h in hooks:
         h.remove()

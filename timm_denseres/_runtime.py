@@ -1,5 +1,5 @@
 """What the current call runs under (the compiler, autocast, forward hooks): the fast eager paths of the gate
-(gate.py) and of the compiled kernel (fused.py) step aside for each of these."""
+(gate.py) step aside for each of these."""
 import torch
 import torch.nn as nn
 

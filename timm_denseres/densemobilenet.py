@@ -271,11 +271,13 @@ def _make_gate(block: DenseMobileBlock, valid: List[int], reduction: int, dd: Di
 
 def _create_densemobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
     """Build a DenseMobileNetV2 variant with timm's builder (pretrained loading, features_only, cfg handling)."""
+    stages = kwargs.get('stages', MOBILENETV2_STAGES)
+    num_features = 1 + sum(1 for _, _, _, stride in stages if stride > 1)  # one per resolution, the stem's too
     return build_model_with_pretrained(
         DenseMobileNetV2,
         variant,
         pretrained,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3, 4)),
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_features))),
         **kwargs,
     )
 

@@ -23,7 +23,7 @@ from timm.models.resnet import BasicBlock, make_blocks
 from ._dense import DenseBlockMixin, DenseModelMixin, DenseStage, History, attach_gates, run_stages
 from .gate import DenseGate
 from .paper import PAPER
-from .pretrained import FASHION_MNIST, build_model_with_pretrained, hub_cfgs, untagged_default, warm_start_cfgs
+from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
 
 __all__ = ['DenseResNet', 'DenseBasicBlock']
 
@@ -324,11 +324,6 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
     return _cfg(**dict(dict(
         num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
         mean=CIFAR100_MEAN, std=CIFAR100_STD), **kwargs))
-
-
-def _fmnist_cfg(**kwargs) -> Dict[str, Any]:
-    """Fashion-MNIST config of the CIFAR-layout models: 1x28x28 input, 10 classes, 7x7 final feature map."""
-    return _cfg(**dict(FASHION_MNIST, pool_size=(7, 7), **kwargs))
 
 
 # Tagged cfgs are checkpoints (see MODEL_CARD.md): `fmnist` ones live at timm-denseres/{model}.fmnist on the Hub;

@@ -116,7 +116,7 @@ WARM_STARTS: Dict[str, str] = {}
 
 WARM_START_GATE_LOGIT = 16.0
 """Gate logit of a warm start. With this logit v = sigmoid(16) = 1 - 1.1e-7 and the shortcut takes all but
-~1e-7 of each softmax: the logits equal the base network's to ~1e-6 of their size (scripts/warm_start_tradeoff.py;
+~1e-7 of each softmax: the logits equal the base network's to ~1e-6 of their size (tools/warm_start_tradeoff.py;
 tests/test_pretrained.py checks 1e-4). The price: gate gradients shrink by the same ~1e-7, so fine-tuning leaves
 the gates at identity. Pass ``gate_logit=4`` to ``6`` for gates that train from the first step, at the cost of a
 start that differs from the base network (MODEL_CARD.md has the measured trade-off)."""

@@ -1,6 +1,6 @@
 """Report --config keys that timm's train.py would silently ignore (it loads the YAML as parser defaults).
 
-    python scripts/check_recipes.py --timm-repo /path/to/pytorch-image-models recipes/*.yaml
+    python tools/check_recipes.py --timm-repo /path/to/pytorch-image-models recipes/*.yaml
 """
 import argparse
 import sys

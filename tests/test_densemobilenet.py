@@ -6,43 +6,31 @@ from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import timm_denseres  # noqa: F401  registers the models
-from timm_denseres.gate import adjust_inbound, pad_channels
+from helpers import num_params, randomise, reference_adjust, zero_branches
+from timm_denseres._dense import History
+from timm_denseres.densemobilenet import DenseDepthwiseSeparableConv, DenseInvertedResidual, DenseMobileBlock
+from timm_denseres.gate import pad_channels
 from timm_denseres.gate_stats import gate_modules
-from timm_denseres.mobilenet import DenseDepthwiseSeparableConv, DenseInvertedResidual, DenseMobileBlock
 from timm_denseres.paper import PAPER_TABLE
 
 VARIANTS = [f'densemobilenetv2_n{n}' for n in (2, 4, 6, 8)]
-
-
-def _num_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def _blocks(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DenseMobileBlock)]
 
 
-def _randomize_bn(model):
-    """Non-trivial BN statistics and affines, so comparisons mean something."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-
-
 def test_param_counts_match_the_paper_and_grow_with_n():
     base = timm.create_model('mobilenetv2_100', device='meta')
     dense = {n: timm.create_model(n, device='meta') for n in VARIANTS}
-    assert round(_num_params(base) / 1e6, 2) == PAPER_TABLE['mobilenetv2_100'].params_m
-    assert round(_num_params(dense['densemobilenetv2_n4']) / 1e6, 2) == PAPER_TABLE['densemobilenetv2_n4'].params_m
-    counts = [_num_params(dense[n]) for n in VARIANTS]
+    assert round(num_params(base) / 1e6, 2) == PAPER_TABLE['mobilenetv2_100'].params_m
+    assert round(num_params(dense['densemobilenetv2_n4']) / 1e6, 2) == PAPER_TABLE['densemobilenetv2_n4'].params_m
+    counts = [num_params(dense[n]) for n in VARIANTS]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
     for model in dense.values():
         # everything beyond MobileNetV2 is in the gates
         gate_params = sum(p.numel() for name, p in model.named_parameters() if '.gate.' in name)
-        assert _num_params(model) - gate_params == _num_params(base)
+        assert num_params(model) - gate_params == num_params(base)
         assert len(_blocks(model)) == 17
 
 
@@ -75,8 +63,7 @@ def test_mobilenetv2_weights_fill_every_shared_weight():
     computes branch(x) + shortcut(x): timm's block exactly where timm has a skip (stride 1, same width), and timm's
     block plus the parameter-free shortcut where it has none, so the logits differ (reported, not equal)."""
     torch.manual_seed(0)
-    ref = timm.create_model('mobilenetv2_100').eval()
-    _randomize_bn(ref)
+    ref = randomise(timm.create_model('mobilenetv2_100'), seed=0).eval()
     dense = timm.create_model('densemobilenetv2_n4').eval()
     missing, unexpected = dense.load_state_dict(ref.state_dict(), strict=False)
     assert not unexpected
@@ -88,19 +75,20 @@ def test_mobilenetv2_weights_fill_every_shared_weight():
     x = torch.randn(2, 3, 64, 64)
     ref_blocks = dict(ref.named_modules())
     with torch.no_grad():
-        history = [dense.bn1(dense.conv_stem(x))]
-        torch.testing.assert_close(history[0], ref.bn1(ref.conv_stem(x)), rtol=0, atol=0)
+        stem = dense.bn1(dense.conv_stem(x))
+        torch.testing.assert_close(stem, ref.bn1(ref.conv_stem(x)), rtol=0, atol=0)
+        history = History([stem], [stem.mean((2, 3))])
         with_skip = 0
         for name, block in _blocks(dense):
-            inp = history[-1]
+            inp = history.outputs[-1]
             history = block(history)
             timm_out = ref_blocks[name](inp)
             if ref_blocks[name].has_skip:
                 with_skip += 1
                 expected = timm_out
             else:
-                expected = timm_out + adjust_inbound(inp, block.in_chs, block.out_chs, block.pool)
-            torch.testing.assert_close(history[-1], expected, rtol=1e-5, atol=1e-5, msg=name)
+                expected = timm_out + reference_adjust(inp, block.out_chs, block.pool)
+            torch.testing.assert_close(history.outputs[-1], expected, rtol=1e-5, atol=1e-5, msg=name)
         assert with_skip == 10  # the other 7 blocks gained a shortcut
 
         ref_logits, dense_logits = ref(x), dense(x)
@@ -112,30 +100,22 @@ def test_mobilenetv2_weights_fill_every_shared_weight():
     assert diff > 1e-3  # the 7 new shortcuts change the network: exact equality is impossible
 
 
-def _zero_branches(model):
-    for _, block in _blocks(model):
-        last_bn = block.bn3 if isinstance(block, DenseInvertedResidual) else block.bn2
-        torch.nn.init.zeros_(last_bn.weight)
-        torch.nn.init.zeros_(last_bn.bias)
-
-
 @pytest.mark.parametrize('name,size', [('densemobilenetv2_n4', 64), ('densemobilenetv2_n8', 97)])
 def test_identity_path_with_zero_branches(name, size):
     """Paper eq. 2-5: with every branch at zero, the weights summing to one keep x_i = P_i(x_0) exactly, P_i the
     parameter-free shortcuts (ceil-mode pool, channel cut/pad) of blocks 1..i, through every block."""
     torch.manual_seed(0)
-    model = timm.create_model(name).eval()
-    _randomize_bn(model)
-    _zero_branches(model)
+    model = zero_branches(randomise(timm.create_model(name), seed=0).eval())
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         stem = model.bn1(model.conv_stem(x))
         expected = stem
-        history = [stem]
+        history = History([stem], [stem.mean((2, 3))])
         for block_name, block in _blocks(model):
             history = block(history)
-            expected = adjust_inbound(expected, block.in_chs, block.out_chs, block.pool)
-            torch.testing.assert_close(history[-1], expected, rtol=1e-6, atol=1e-6, msg=block_name)
+            if block.changes_shape:
+                expected = reference_adjust(expected, block.out_chs, block.pool)
+            torch.testing.assert_close(history.outputs[-1], expected, rtol=1e-6, atol=1e-6, msg=block_name)
         final = model.forward_intermediates(x, indices=[4], intermediates_only=True)[0]
     assert final.shape[1] == 320 and expected.abs().sum() > 0
     torch.testing.assert_close(final, expected, rtol=1e-6, atol=1e-6)
@@ -150,9 +130,9 @@ def test_mixing_weights_sum_to_one_and_padding_is_masked():
     seen, inputs, outputs = {}, {}, {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, b=b: seen.__setitem__(b, out))
              for b, m in gate_modules(model).items()]
-    hooks += [block.register_forward_pre_hook(lambda mod, args, b=name: inputs.__setitem__(b, list(args[0])))
+    hooks += [block.register_forward_pre_hook(lambda mod, args, b=name: inputs.__setitem__(b, args[0].outputs))
               for name, block in _blocks(model)]
-    hooks += [block.register_forward_hook(lambda mod, args, out, b=name: outputs.__setitem__(b, out[-1]))
+    hooks += [block.register_forward_hook(lambda mod, args, out, b=name: outputs.__setitem__(b, out.outputs[-1]))
               for name, block in _blocks(model)]
     with torch.no_grad():
         model(torch.randn(3, 3, 64, 64))
@@ -167,13 +147,12 @@ def test_mixing_weights_sum_to_one_and_padding_is_masked():
         assert w.shape[1] == min(4, i)
         assert ((v > 0) & (v < 1)).all()
         torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]), rtol=0, atol=1e-6)
-        # the outputs (their (B, C) means ride in front); an entry narrower than the block stands for itself
-        # zero-padded
-        history = [pad_channels(h, block.in_chs) for h in inputs[name] if h.dim() == 4]
+        # an entry narrower than the block stands for itself zero-padded
+        history = [pad_channels(h, block.in_chs) for h in inputs[name]]
         with torch.no_grad():
             expected = v[:, :, None, None] * block.branch(history[-1])
         if block.changes_shape:
-            history = [adjust_inbound(h, block.in_chs, block.out_chs, block.pool) for h in history]
+            history = [reference_adjust(h, block.out_chs, block.pool) for h in history]
         for k in range(w.shape[1]):  # k = 0: the shortcut (x_{i-1} adjusted), then x_{i-2}, ...
             expected = expected + w[:, k, :, None, None] * history[-1 - k]
         torch.testing.assert_close(outputs[name], expected, rtol=1e-5, atol=1e-5, msg=name)
@@ -196,7 +175,7 @@ def test_scripted_traced_and_checkpointed_forward_match_eager():
         train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
         fx = create_feature_extractor(
             model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:], tracer_kwargs=tracer_kwargs)
-        # eager inference folds each gate's BatchNorm into fc1; the traced graph calls the modules
+        # eager inference runs the compiled kernels; the traced graph the modules
         torch.testing.assert_close(next(iter(fx(x).values())), ref, rtol=1e-5, atol=1e-6)
         final, _ = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)

@@ -9,11 +9,11 @@ worker process of its own (one at a time), as it would alone: sharing one proces
 on which model had allocated what before.
 
     # the README table (CPU, 2 threads, batch 32)
-    PYTHONPATH=. python scripts/benchmark.py --threads 2 --batch-size 32
+    PYTHONPATH=. python tools/benchmark.py --threads 2 --batch-size 32
     # one pair, faster settings
-    PYTHONPATH=. python scripts/benchmark.py --pairs resnet110 --repeats 3 --min-time 0.5
+    PYTHONPATH=. python tools/benchmark.py --pairs resnet110 --repeats 3 --min-time 0.5
     # any two timm models
-    PYTHONPATH=. python scripts/benchmark.py --model denseresnet34_n2 --baseline resnet34 --img-size 160
+    PYTHONPATH=. python tools/benchmark.py --model denseresnet34_n2 --baseline resnet34 --img-size 160
 
 Peak memory counts what a step allocates on top of what already lives (parameters, buffers, optimizer state,
 the input batch), plus those persistent bytes. On CUDA it is ``torch.cuda.max_memory_allocated``; on CPU it is
