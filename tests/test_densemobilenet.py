@@ -7,9 +7,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import timm_denseres  # noqa: F401  registers the models
 from helpers import num_params, randomise, reference_adjust, zero_branches
-from timm_denseres._dense import History
+from timm_denseres._dense import History, pad_channels
 from timm_denseres.densemobilenet import DenseDepthwiseSeparableConv, DenseInvertedResidual, DenseMobileBlock
-from timm_denseres.gate import pad_channels
 from timm_denseres.gate_stats import gate_modules
 from timm_denseres.paper import PAPER_TABLE
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import timm_denseres  # noqa: F401  registers the models
 from helpers import fx_feature_model, make_gate, randomise, reference_adjust, zero_branches
-from timm_denseres._dense import History, avg_pool_2x2
-from timm_denseres.gate import GateBatchNorm, gate_hidden_channels, pad_channels
+from timm_denseres._dense import History, avg_pool_2x2, pad_channels
+from timm_denseres.gate import GateBatchNorm, gate_hidden_channels
 from timm_denseres.gate_stats import gate_modules, record_gates
 
 TOL = dict(rtol=1e-5, atol=1e-5)

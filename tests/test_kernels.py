@@ -26,6 +26,13 @@ can_build = shutil.which(os.environ.get('CXX', 'c++')) is not None and is_ninja_
 needs_kernel = pytest.mark.skipif(not can_build, reason='no C++ compiler or ninja to build the kernels')
 
 
+@pytest.fixture(autouse=True)
+def _kernels_loaded():
+    """Tests call the kernels' functions directly, which (unlike the gate) do not load them first."""
+    if can_build:
+        assert _kernels.kernel_available()
+
+
 def _reference_mix(y, v, w, inbounds, relu):
     out = mix(y, v, w, inbounds)
     out = torch.relu(out) if relu else out

@@ -19,12 +19,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._runtime import is_compiling
-from .gate import DenseGate, pad_channels
-
-torch.fx.wrap('pad_channels')  # a leaf for torch.fx here too (fx.wrap works per calling module)
+from .gate import DenseGate
 
 __all__ = ['History', 'DenseBlockMixin', 'DenseStage', 'DenseModelMixin', 'attach_gates', 'avg_pool_2x2',
-           'adjust_inbound', 'run_stages']
+           'adjust_inbound', 'pad_channels', 'run_stages']
 
 
 class History(NamedTuple):
@@ -55,6 +53,18 @@ def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 torch.fx.wrap('avg_pool_2x2')
+
+
+def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Zero-pad dim 1 of ``x`` (a (B, c) vector or a (B, c, H, W) map) to ``channels``; ``x`` itself if it is
+    that wide already."""
+    missing = channels - x.shape[1]
+    if missing <= 0:
+        return x
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, missing])
+
+
+torch.fx.wrap('pad_channels')  # its width test reads the shape; a leaf for torch.fx
 
 
 def adjust_inbound(x: torch.Tensor, in_chs: int, channels: int, pool: bool) -> torch.Tensor:

@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
 from timm.models import register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
@@ -30,8 +29,7 @@ from timm.models.efficientnet import EfficientNet
 
 from ._dense import DenseBlockMixin, DenseModelMixin, DenseStage, History, attach_gates, run_stages
 from .gate import DenseGate
-from .paper import PAPER
-from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
+from .pretrained import build_model_with_pretrained, imagenet_cfg, untagged_default, warm_start_cfgs
 
 __all__ = ['DenseMobileNetV2', 'DenseInvertedResidual', 'DenseDepthwiseSeparableConv', 'make_dense_block']
 
@@ -270,28 +268,15 @@ def _make_gate(block: DenseMobileBlock, valid: List[int], reduction: int, dd: Di
 
 
 def _create_densemobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
-    """Build a DenseMobileNetV2 variant with timm's builder (pretrained loading, features_only, cfg handling)."""
     stages = kwargs.get('stages', MOBILENETV2_STAGES)
-    num_features = 1 + sum(1 for _, _, _, stride in stages if stride > 1)  # one per resolution, the stem's too
-    return build_model_with_pretrained(
-        DenseMobileNetV2,
-        variant,
-        pretrained,
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_features))),
-        **kwargs,
-    )
+    feature_levels = 1 + sum(1 for _, _, _, stride in stages if stride > 1)  # one per resolution, the stem's too
+    return build_model_with_pretrained(DenseMobileNetV2, variant, pretrained, feature_levels=feature_levels, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    """ImageNet-1K config of timm's mobilenetv2_100 (224, crop_pct 0.875 = the paper's 256 -> 224, bicubic)."""
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv_stem', 'classifier': 'classifier',
-        **PAPER,
-        **kwargs,
-    }
+    """timm's mobilenetv2_100 set-up (bicubic)."""
+    return imagenet_cfg(**dict(dict(interpolation='bicubic', first_conv='conv_stem', classifier='classifier'),
+                               **kwargs))
 
 
 # `ra_in1k_warm`: timm's mobilenetv2_100.ra_in1k weights, gates at identity (approximate: see MODEL_CARD.md)

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_act_layer, get_norm_layer, to_ntuple
 from timm.models import register_model
 from timm.models._features import feature_take_indices
@@ -22,8 +21,7 @@ from timm.models.resnet import BasicBlock, make_blocks
 
 from ._dense import DenseBlockMixin, DenseModelMixin, DenseStage, History, attach_gates, run_stages
 from .gate import DenseGate
-from .paper import PAPER
-from .pretrained import build_model_with_pretrained, untagged_default, warm_start_cfgs
+from .pretrained import build_model_with_pretrained, imagenet_cfg, untagged_default, warm_start_cfgs
 
 __all__ = ['DenseResNet', 'DenseBasicBlock']
 
@@ -289,30 +287,12 @@ def _make_gate(block: DenseBasicBlock, valid: List[int], reduction: int, act_lay
 
 
 def _create_denseresnet(variant: str, pretrained: bool = False, **kwargs) -> DenseResNet:
-    """Build a DenseResNet variant with timm's builder (pretrained loading, features_only, cfg handling), through
-    the checked pretrained loading of ``pretrained.py`` (checksums, warm starts, clear errors)."""
-    num_features = len(kwargs.get('layers', (3, 4, 6, 3))) + 1  # stem + one per stage
-    return build_model_with_pretrained(
-        DenseResNet,
-        variant,
-        pretrained,
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(num_features))),
-        **kwargs,
-    )
-
-
+    feature_levels = len(kwargs.get('layers', (3, 4, 6, 3))) + 1  # the stem and one per stage
+    return build_model_with_pretrained(DenseResNet, variant, pretrained, feature_levels=feature_levels, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    """ImageNet-1K config; test crop follows the paper (short side 256, centre 224 -> crop_pct 0.875)."""
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        **PAPER,
-        **kwargs,
-    }
+    return imagenet_cfg(**dict(dict(interpolation='bilinear', first_conv='conv1', classifier='fc'), **kwargs))
 
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)

@@ -20,7 +20,7 @@ from timm.layers import register_notrace_module
 from . import _kernels
 from ._runtime import hook_free, is_compiling
 
-__all__ = ['DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'gate_hidden_channels', 'mix', 'pad_channels']
+__all__ = ['DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'add_scaled', 'gate_hidden_channels', 'mix']
 
 
 def gate_hidden_channels(channels: int, reduction: int) -> int:
@@ -28,16 +28,17 @@ def gate_hidden_channels(channels: int, reduction: int) -> int:
     return int(math.ceil(max(channels // reduction, 1) / 8) * 8)
 
 
-def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Zero-pad dim 1 of ``x`` (a (B, c) vector or a (B, c, H, W) map) to ``channels``; ``x`` itself if it is
-    that wide already."""
-    missing = channels - x.shape[1]
-    if missing <= 0:
-        return x
-    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, missing])
+def add_scaled(out: torch.Tensor, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``out + scale * a``, scale (B, C) broadcast over H, W, one multiply-add per element; an ``a`` narrower
+    than ``out`` stands for itself zero-padded (it adds into its first channels; the padding is never made)."""
+    width = a.shape[1]
+    scale = scale[:, :width, None, None]
+    if width == out.shape[1]:
+        return torch.addcmul(out, a, scale)
+    return torch.cat([torch.addcmul(out[:, :width], a, scale), out[:, width:]], dim=1)
 
 
-torch.fx.wrap('pad_channels')  # its width test reads the shape; a leaf for torch.fx
+torch.fx.wrap('add_scaled')  # its width test reads the shape; a leaf for torch.fx
 
 
 def mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.Tensor]) -> torch.Tensor:
@@ -45,7 +46,7 @@ def mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.
     stands for itself zero-padded."""
     out = y * v[:, :, None, None]
     for k, a in enumerate(inbounds):
-        out = out + pad_channels(a, y.shape[1]) * w[:, k, :, None, None]
+        out = add_scaled(out, a, w[:, k])
     return out
 
 

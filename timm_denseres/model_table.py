@@ -12,7 +12,9 @@ TABLE_MODELS = [
     'resnet34', 'denseresnet34_n2', 'denseresnet34_n4', 'denseresnet34_n6', 'denseresnet34_n8',
     'resnet110', 'denseresnet110_n2', 'denseresnet110_n4', 'denseresnet110_n6', 'denseresnet110_n8',
     'mobilenetv2_100', 'densemobilenetv2_n4',
+    'resnet20', 'denseresnet20_n4', 'resnet56', 'denseresnet56_n4',  # not in the paper: sized for CPU studies
 ]
+_CIFAR_INPUT = (3, 32, 32)  # the input of the CIFAR-layout models that are not in the paper
 
 
 def measure_models(names: Optional[List[str]] = None) -> List[Dict]:
@@ -21,9 +23,9 @@ def measure_models(names: Optional[List[str]] = None) -> List[Dict]:
     for name in names or TABLE_MODELS:
         if name not in timm.list_models():
             continue  # a family not built yet
-        paper = PAPER_TABLE[name]
-        model = timm.create_model(name, num_classes=1000 if paper.dataset == 'ImageNet-1K' else 100)
-        macs = count_macs(model, paper.input_size)
+        paper = PAPER_TABLE.get(name)
+        model = timm.create_model(name, num_classes=100 if paper is None or paper.dataset == 'CIFAR-100' else 1000)
+        macs = count_macs(model, paper.input_size if paper else _CIFAR_INPUT)
         rows.append(dict(
             name=name,
             params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -36,7 +38,8 @@ def measure_models(names: Optional[List[str]] = None) -> List[Dict]:
         base = by_name.get(baseline_of(row['name']) or '')
         if base is not None:
             row['increase_m'] = row['macs_m'] - base['macs_m']
-            row['paper_increase_m'] = row['paper'].macs_m - base['paper'].macs_m
+            if row['paper'] and base['paper']:
+                row['paper_increase_m'] = row['paper'].macs_m - base['paper'].macs_m
     return rows
 
 
@@ -53,9 +56,13 @@ def format_table(rows: List[Dict]) -> str:
     ]
     for r in rows:
         p = r['paper']
-        same = 'ok' if round(r['params_m'], 2) == p.params_m else 'DIFFERS'
         inc = f"{r['increase_m']:+.1f}" if 'increase_m' in r else 'baseline'
         pinc = f"{r['paper_increase_m']:+.0f}" if 'paper_increase_m' in r else ''
+        if p is None:
+            lines.append(f"| {r['name']} | {r['params_m']:.2f} | not in the paper | {r['conv_linear_m']:.1f} |"
+                         f" {r['macs_m']:.1f} |  |  | {inc} |  |")
+            continue
+        same = 'ok' if round(r['params_m'], 2) == p.params_m else 'DIFFERS'
         lines.append(
             f"| {r['name']} | {r['params_m']:.2f} ({same}) | {p.params_m:.2f} | {r['conv_linear_m']:.1f} |"
             f" {r['macs_m']:.1f} | {p.macs_m:.0f} | {_pct(r['macs_m'], p.macs_m)} | {inc} | {pinc} |")

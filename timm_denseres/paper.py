@@ -37,11 +37,12 @@ PAPER_TABLE: Dict[str, PaperEntry] = {
 }
 
 _FAMILY_BASELINES = (('denseresnet34', 'resnet34'), ('denseresnet110', 'resnet110'),
-                     ('densemobilenetv2', 'mobilenetv2_100'))
+                     ('densemobilenetv2', 'mobilenetv2_100'), ('denseresnet20', 'resnet20'),
+                     ('denseresnet56', 'resnet56'))
 
 
 def baseline_of(model_name: str) -> Optional[str]:
-    """The plain network a dense model is measured against (timm's resnet34 / mobilenetv2_100, our resnet110)."""
+    """The plain network a dense model is measured against (timm's resnet34 / mobilenetv2_100, our CIFAR ResNets)."""
     for prefix, baseline in _FAMILY_BASELINES:
         if model_name.startswith(prefix + '_'):
             return baseline

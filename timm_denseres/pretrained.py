@@ -45,10 +45,13 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_c
 from huggingface_hub.errors import (
     EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
 from safetensors import SafetensorError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import (
     build_model_with_cfg, generate_default_cfgs, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model_pretrained,
     parse_model_name, resolve_pretrained_cfg, split_model_name_tag)
 from timm.models._hub import hf_split
+
+from .paper import PAPER
 
 __all__ = [
     'HUB_ORG', 'WEIGHTS_FILE', 'HUB_FILES', 'CONFIG_SHA256_KEY', 'Dataset', 'DATASETS', 'Published', 'PUBLISHED',
@@ -577,10 +580,20 @@ def _ask_hub(repo_id: str, filename: str, revision: Optional[str], what: str,
         raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir)) from e
 
 
+def imagenet_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """The untagged ImageNet-1K cfg of a paper model: 224 input, the paper's test crop (short side 256, centre
+    224: crop_pct 0.875), the paper's fields; ``kwargs`` add or override (first_conv, classifier, interpolation)."""
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, **PAPER, **kwargs,
+    }
+
+
 def build_model_with_pretrained(
         model_cls: Union[Type[nn.Module], Callable[..., nn.Module]],
         variant: str,
         pretrained: bool = False,
+        feature_levels: Optional[int] = None,
         **kwargs: Any,
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` with checked pretrained loading (see the module docstring).
@@ -588,12 +601,16 @@ def build_model_with_pretrained(
     Args:
         model_cls, variant, pretrained, **kwargs: as for ``build_model_with_cfg`` (``pretrained_cfg``,
             ``pretrained_cfg_overlay``, ``cache_dir``, ``feature_cfg``, model kwargs).
+        feature_levels: the model's feature_info length: ``features_only`` then wraps ``forward_intermediates``
+            (timm's 'getter') and takes every level by default.
 
     Keyword Args:
         gate_logit (float): gate logit of a warm start (default ``WARM_START_GATE_LOGIT``); only with a
             ``*_warm`` tag and ``pretrained=True``.
     """
     gate_logit = kwargs.pop('gate_logit', None)
+    if feature_levels is not None:
+        kwargs.setdefault('feature_cfg', dict(feature_cls='getter', out_indices=tuple(range(feature_levels))))
     cfg_arg = kwargs.get('pretrained_cfg')
     if isinstance(cfg_arg, str):
         _check_tag(variant, cfg_arg)

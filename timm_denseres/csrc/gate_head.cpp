@@ -134,6 +134,23 @@ HeadShape check_head(const char* op, const at::Tensor& y, const std::vector<at::
   return s;
 }
 
+// The gate's parameters and BatchNorm statistics fit the head's shape: fc1 (M, (n + 1) C[, 1, 1]), fc2
+// ((n + 1) C, M[, 1, 1]), one valid-channel count per inbound; contiguous float32 on the CPU.
+void check_gate_params(const char* op, const HeadShape& s, const at::Tensor& fc1, const at::Tensor& bn_weight,
+                       const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var,
+                       const at::Tensor& fc2, const at::Tensor& fc2_bias, at::IntArrayRef valid_channels) {
+  TORCH_CHECK(fc1.numel() == s.hidden * s.width && fc1.size(0) == s.hidden && fc2.numel() == s.width * s.hidden &&
+              fc2.size(0) == s.width && fc2_bias.numel() == s.width && bn_bias.numel() == s.hidden &&
+              running_mean.numel() == s.hidden && running_var.numel() == s.hidden &&
+              static_cast<int64_t>(valid_channels.size()) == s.n,
+              op, ": the gate's parameters do not fit (fc1 ", fc1.sizes(), ", fc2 ", fc2.sizes(), ") for ", s.n,
+              " inbounds of ", s.channels, " channels");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &fc1, &bn_weight, &bn_bias, &running_mean, &running_var, &fc2, &fc2_bias}) {
+    check_float_cpu(*t, "each gate parameter");
+  }
+}
+
 // Inference (the BatchNorm with its running statistics): the same parameters as gate_head_train, no saved values.
 // The BatchNorm is folded into fc1 per hidden unit here, each call (M numbers), so nothing is cached between calls.
 std::tuple<at::Tensor, at::Tensor> gate_head_eval(
@@ -141,16 +158,8 @@ std::tuple<at::Tensor, at::Tensor> gate_head_eval(
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
     const at::Tensor& fc2, const at::Tensor& fc2_bias, at::IntArrayRef valid_channels) {
   const HeadShape s = check_head("gate_head_eval", y, pooled, bn_weight.numel());
-  TORCH_CHECK(fc1.numel() == s.hidden * s.width && fc1.size(0) == s.hidden && fc2.numel() == s.width * s.hidden &&
-              fc2.size(0) == s.width && fc2_bias.numel() == s.width && bn_bias.numel() == s.hidden &&
-              running_mean.numel() == s.hidden && running_var.numel() == s.hidden &&
-              static_cast<int64_t>(valid_channels.size()) == s.n,
-              "gate_head_eval: the gate's parameters do not fit (fc1 ", fc1.sizes(), ", fc2 ", fc2.sizes(), ") for ",
-              s.n, " inbounds of ", s.channels, " channels");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &fc1, &bn_weight, &bn_bias, &running_mean, &running_var, &fc2, &fc2_bias}) {
-    check_float_cpu(*t, "each gate parameter");
-  }
+  check_gate_params("gate_head_eval", s, fc1, bn_weight, bn_bias, running_mean, running_var, fc2, fc2_bias,
+                    valid_channels);
   // h_m = scale_m * (g . fc1_m) + shift_m: the BatchNorm in inference
   std::vector<float> scale(s.hidden), shift(s.hidden);
   const float *gamma = bn_weight.data_ptr<float>(), *beta = bn_bias.data_ptr<float>();
@@ -197,16 +206,8 @@ std::vector<at::Tensor> gate_head_train(
     const at::Tensor& bn_bias, at::Tensor running_mean, at::Tensor running_var, bool use_batch_stats,
     double momentum, double eps, const at::Tensor& fc2, const at::Tensor& fc2_bias, at::IntArrayRef valid_channels) {
   const HeadShape s = check_head("gate_head_train", y, pooled, bn_weight.numel());
-  TORCH_CHECK(fc1.numel() == s.hidden * s.width && fc1.size(0) == s.hidden && fc2.numel() == s.width * s.hidden &&
-              fc2.size(0) == s.width && fc2_bias.numel() == s.width && bn_bias.numel() == s.hidden &&
-              running_mean.numel() == s.hidden && running_var.numel() == s.hidden &&
-              static_cast<int64_t>(valid_channels.size()) == s.n,
-              "gate_head_train: the gate's parameters do not fit (fc1 ", fc1.sizes(), ", fc2 ", fc2.sizes(), ") for ",
-              s.n, " inbounds of ", s.channels, " channels");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
-           &fc1, &bn_weight, &bn_bias, &running_mean, &running_var, &fc2, &fc2_bias}) {
-    check_float_cpu(*t, "each gate parameter");
-  }
+  check_gate_params("gate_head_train", s, fc1, bn_weight, bn_bias, running_mean, running_var, fc2, fc2_bias,
+                    valid_channels);
   TORCH_CHECK(!use_batch_stats || s.batch > 1, "gate_head_train: batch statistics need more than one sample");
   const auto opts = y.options();
   at::Tensor v = at::empty({s.batch, s.channels}, opts), w = at::empty({s.batch, s.n, s.channels}, opts);
