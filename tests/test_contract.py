@@ -558,7 +558,7 @@ def test_fx_feature_extraction(name):
     fx_model.train()
     out = fx_model(x)[classifier]
     out.sum().backward()
-    # eager training sums in the compiled kernel (timm_denseres/fused.py), the graph with PyTorch operations: 1e-7
+    # eager training sums in the compiled kernel (timm_denseres/_kernels.py), the graph with PyTorch operations: 1e-7
     # apart per block, a few 1e-5 after training-mode BatchNorm over 17-54 blocks
     _close(out, twin(x), rtol=1e-4, atol=1e-4)
     assert all(p.grad is not None for p in fx_model.parameters())

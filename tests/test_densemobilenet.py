@@ -1,4 +1,4 @@
-"""DenseMobileNetV2: timm's mobilenetv2_100 with a Gate-Module in every block (../shared/denseresnet.md)."""
+"""DenseMobileNetV2: timm's mobilenetv2_100 with a Gate-Module in every block."""
 import pytest
 import timm
 import torch

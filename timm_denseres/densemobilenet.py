@@ -207,7 +207,7 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
             extra_blocks: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward that also returns the feature_info features (timm's intermediates API, as EfficientNet's).
-        The arguments are those of :meth:`timm_denseres.resnet.DenseResNet.forward_intermediates`, and
+        The arguments are those of :meth:`timm_denseres.denseresnet.DenseResNet.forward_intermediates`, and
         ``extra_blocks``: index the stem and every stage output instead of the feature_info features."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
         if extra_blocks:

@@ -8,8 +8,8 @@ per-repeat ratios, so load that changes during the run cancels out as far as pos
 worker process of its own (one at a time), as it would alone: sharing one process's heap made the ratios depend
 on which model had allocated what before.
 
-    # the README table (CPU, 2 threads, batch 32)
-    PYTHONPATH=. python tools/benchmark.py --threads 2 --batch-size 32
+    # the table of docs/speed.md (CPU, 2 threads, batch 32)
+    PYTHONPATH=. python tools/benchmark.py --threads 2 --batch-size 32 --malloc steady
     # one pair, faster settings
     PYTHONPATH=. python tools/benchmark.py --pairs resnet110 --repeats 3 --min-time 0.5
     # any two timm models
