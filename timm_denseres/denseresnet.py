@@ -88,8 +88,10 @@ class DenseResNet(DenseModelMixin, nn.Module):
         stem_width: stem output channels.
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate, drop_block_rate, act_layer, norm_layer,
         zero_init_last: as in timm's ResNet.
-        gate_init_logit: None leaves the gates at PyTorch's default init (v ~ 0.5, w near uniform); a float
-            starts every gate with fc2's weight zero and v's and the shortcut's logits at this value.
+        gate_init_logit: every gate starts with fc2's weight zero and v's and the shortcut's logits at this value
+            (v ~ 0.95 and most mixing weight on the shortcut at 3.0, so a block starts near timm's residual
+            block, as zero_init_last makes its branch start at zero; MODEL_CARD.md has the study behind the
+            default); None leaves the gates at PyTorch's init (v ~ 0.5, w near uniform).
     """
 
     def __init__(
@@ -109,7 +111,7 @@ class DenseResNet(DenseModelMixin, nn.Module):
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             zero_init_last: bool = True,
-            gate_init_logit: Optional[float] = None,
+            gate_init_logit: Optional[float] = 3.0,
             device=None,
             dtype=None,
     ):
