@@ -64,6 +64,11 @@ def run_commands(args: argparse.Namespace) -> List[List[str]]:
     return [train, validate]
 
 
+def call(command: List[str], env: Dict[str, str], run: str) -> None:
+    if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
+        sys.exit(f'error: {command[1]} failed for {run} (its output is above); no records copied')
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     args.name = f'{args.model}{"-" + args.variant_name if args.variant_name else ""}-s{args.seed}'
     args.epochs = args.epochs or recipe()['epochs']
@@ -79,11 +84,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.output) / args.name
     if (run_dir / 'summary.csv').exists():  # train.py would append a second run's epochs to it
         sys.exit(f'error: {run_dir} already holds a run; remove it or choose another --output')
+    if not (Path(args.data_dir) / 'train').is_dir():
+        sys.exit(f'error: no {args.data_dir}/train; make it with scripts/prepare_fashion_mnist.py '
+                 '--train-per-class 2000 --out data/fashion-mnist-20k, or pass --data-dir')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.time()
-    subprocess.run(train, cwd=ROOT, env=env, check=True)
+    call(train, env, args.name)
     train_seconds = round(time.time() - start)
-    subprocess.run(validate, cwd=ROOT, env=env, check=True)
+    call(validate, env, args.name)
     timing = {'train_seconds': train_seconds, 'epochs': args.epochs, 'threads': args.threads}
     (run_dir / 'timing.json').write_text(json.dumps(timing) + '\n')
     return cmd_collect(argparse.Namespace(run_dirs=[str(run_dir)], results=args.results))
