@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ RECORDS = ('args.yaml', 'summary.csv', 'validate.json', 'timing.json')
 RESULTS = ROOT / 'results' / 'fmnist_study'
 START, END = '<!-- study-table:start -->', '<!-- study-table:end -->'
 CURVES_PNG = 'study_curves_fmnist.png'
+WIDTH = 116  # the model card's line length
 RUN_NAME = re.compile(r'^(?P<arm>[A-Za-z0-9_.-]+)-s(?P<seed>\d+)$')
 
 
@@ -218,14 +220,15 @@ def paper_line() -> str:
 
 
 def study_block(runs: List[Run], gate_names: List[str]) -> str:
-    lines = [paper_line(), '']
+    lines = [textwrap.fill(paper_line(), WIDTH), '']
     if not runs:
         lines.append('No finished runs in `results/fmnist_study/` yet.')
     for depth, arms in by_depth(runs).items():
         epochs = sorted({len(r.test_error) for seeds in arms.values() for r in seeds.values()})
-        lines += [f'**Depth {depth}** ({"/".join(map(str, epochs))} epochs; top-1 of the final-epoch weights on '
-                  'all 10 000 test images; pp: percentage points; s per epoch: training wall time with one '
-                  'thread, including the per-epoch test pass):', '', *comparison_table(arms), '']
+        caption = (f'**Depth {depth}** ({"/".join(map(str, epochs))} epochs; top-1 of the final-epoch weights on '
+                   'all 10 000 test images; pp: percentage points; s per epoch: wall time of train.py per epoch, '
+                   'with its per-epoch test pass):')
+        lines += [textwrap.fill(caption, WIDTH), '', *comparison_table(arms), '']
     if runs:
         lines.append(f'![test error per epoch, mean and min-max over seeds](docs/{CURVES_PNG})')
     for name in gate_names:
