@@ -175,6 +175,7 @@ def test_gates_of_a_train_checkpoint(tmp_path):
 
     record = json.loads((results / 'gates_denseresnet20_n4-s0.json').read_text())
     assert record['images'] == 6
+    assert f'--gates --checkpoint {checkpoint} --model denseresnet20_n4' in record['command']
     assert list(record['w_mean']) == list(gate_modules(model))
     for block, weights in record['w_mean'].items():
         assert weights and sum(weights) == pytest.approx(1.0, abs=1e-5), block

@@ -219,7 +219,7 @@ def paper_line() -> str:
             f'accuracy for the dense model.')
 
 
-def study_block(runs: List[Run], gate_names: List[str]) -> str:
+def study_block(runs: List[Run], gates: Dict[str, dict]) -> str:
     lines = [textwrap.fill(paper_line(), WIDTH), '']
     if not runs:
         lines.append('No finished runs in `results/fmnist_study/` yet.')
@@ -231,8 +231,12 @@ def study_block(runs: List[Run], gate_names: List[str]) -> str:
         lines += [textwrap.fill(caption, WIDTH), '', *comparison_table(arms), '']
     if runs:
         lines.append(f'![test error per epoch, mean and min-max over seeds](docs/{CURVES_PNG})')
-    for name in gate_names:
-        lines += ['', f'![mean gate weights w_ik of {name}](docs/study_gates_{name}.png)']
+    for name, record in gates.items():
+        caption = (f"Mean gate weights w_ik per block and offset (the paper's Fig. 4) of `{name}` over the "
+                   f"`{record['split']}` split ({record['images']} images), recorded in "
+                   f"`results/fmnist_study/gates_{name}.json` by `{record['command']}`:")
+        figure = f'![mean gate weights w_ik of {name}](docs/study_gates_{name}.png)'
+        lines += ['', textwrap.fill(caption, WIDTH), '', figure]
     return '\n'.join(lines).rstrip('\n')
 
 
@@ -292,16 +296,19 @@ def record_gate_json(args: argparse.Namespace) -> Path:
         with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args in the file
             state = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
         model.load_state_dict(state['state_dict'])
-        source, name = args.checkpoint, args.name or Path(args.checkpoint).parent.name
+        source, name = f'--checkpoint {args.checkpoint} --model {args.model}', Path(args.checkpoint).parent.name
     else:
         model = timm.create_model(args.gates, pretrained=True)
-        source, name = args.gates, args.name or Path(args.gates.split(':')[-1]).name
+        source, name = args.gates, Path(args.gates.split(':')[-1]).name
+    name = args.name or name
     model.eval()
     loader = make_loader(model, args.data_dir, args.split, batch_size=200)
     with torch.no_grad(), record_gates(model) as stats:
         for images, _ in loader:
             model(images)
-    record = {'model': source, 'data_dir': args.data_dir, 'split': args.split, 'images': len(loader.dataset),
+    command = (f'python tools/study.py report --gates {source} --data-dir {args.data_dir} --split {args.split}'
+               + (f' --name {args.name}' if args.name else ''))
+    record = {'command': command, 'split': args.split, 'images': len(loader.dataset),
               'w_mean': stats.w_mean(), 'v_mean': stats.v_mean()}
     path = Path(args.results) / f'gates_{name}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +328,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not results.is_dir():
         sys.exit(f'error: no results folder {results}')
     runs, gates = load_runs(results), gate_records(results)
-    block = study_block(runs, list(gates))
+    block = study_block(runs, gates)
     print(block)
     text = card.read_text()
     new_text = replace_block(text, block, card)
