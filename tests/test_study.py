@@ -10,8 +10,12 @@ import statistics
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from PIL import Image
+
+import timm_denseres  # noqa: F401  registers the models
+from timm_denseres.gate_stats import gate_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'study'
@@ -158,11 +162,6 @@ def _tiny_image_folder(root: Path) -> None:
 
 
 def test_gates_of_a_train_checkpoint(tmp_path):
-    import timm
-
-    import timm_denseres  # noqa: F401  registers the models
-    from timm_denseres.gate_stats import gate_modules
-
     model = timm.create_model('denseresnet20_n4', num_classes=10, in_chans=1)
     checkpoint = tmp_path / 'denseresnet20_n4-s0' / 'last.pth.tar'
     checkpoint.parent.mkdir()
@@ -185,3 +184,15 @@ def test_gates_of_a_train_checkpoint(tmp_path):
     assert _report(results, card, docs) == 0
     assert (docs / 'study_gates_denseresnet20_n4-s0.png').read_bytes().startswith(PNG_SIGNATURE)
     assert 'docs/study_gates_denseresnet20_n4-s0.png' in card.read_text()
+
+
+def test_gates_of_a_pretrained_model_spec(tmp_path):
+    _tiny_image_folder(tmp_path / 'data')
+    spec = f'local-dir:{ROOT / "weights" / "denseresnet110_n4.fmnist"}'
+    assert study.main(['report', '--results', str(tmp_path), '--gates', spec,
+                       '--data-dir', str(tmp_path / 'data')]) == 0
+    record = json.loads((tmp_path / 'gates_denseresnet110_n4.fmnist.json').read_text())
+    assert list(record['w_mean']) == list(gate_modules(timm.create_model('denseresnet110_n4')))
+    assert record['images'] == 6
+    for block, weights in record['w_mean'].items():
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5), block

@@ -118,7 +118,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 @dataclass
 class Run:
-    name: str
     arm: str  # model name plus variant, e.g. denseresnet20_n4-init3
     model: str
     seed: int
@@ -148,7 +147,7 @@ def load_run(run_dir: Path) -> Run:
         rows = list(csv.DictReader(f))
     if len(rows) != timing['epochs']:
         raise ValueError(f'summary.csv has {len(rows)} epochs, timing.json says {timing["epochs"]}')
-    return Run(run_dir.name, arm, train_args['model'], seed,
+    return Run(arm, train_args['model'], seed,
                top1=float(json.loads((run_dir / 'validate.json').read_text())['top1']),
                seconds_per_epoch=timing['train_seconds'] / timing['epochs'],
                test_error=[100.0 - float(row['eval_top1']) for row in rows])
