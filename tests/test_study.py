@@ -1,0 +1,198 @@
+"""tools/study.py: the study's table, figures and gate records from committed run records.
+
+The fixture (tests/fixtures/study/) holds made-up records of 2 seeds x 3 arms in the formats train.py and
+validate.py write; the expected numbers are computed here from those files, not copied from the tool."""
+import argparse
+import importlib.util
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import timm_denseres  # noqa: F401  registers the models
+from timm_denseres.gate_stats import gate_modules
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'study'
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+CARD = """# Card
+
+## Fashion-MNIST study
+
+Intro.
+
+<!-- study-table:start -->
+<!-- study-table:end -->
+
+## Next section
+"""
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location('study_tool', ROOT / 'tools' / 'study.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_tool()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    results = tmp_path / 'results'
+    shutil.copytree(FIXTURE, results)
+    card = tmp_path / 'MODEL_CARD.md'
+    card.write_text(CARD)
+    return results, card, tmp_path / 'docs'
+
+
+def _report(results, card, docs, *extra):
+    return study.main(['report', '--results', str(results), '--model-card', str(card), '--docs', str(docs), *extra])
+
+
+def _top1(results: Path, run: str) -> float:
+    return json.loads((results / run / 'validate.json').read_text())['top1']
+
+
+def _seconds_per_epoch(results: Path, run: str) -> float:
+    timing = json.loads((results / run / 'timing.json').read_text())
+    return timing['train_seconds'] / timing['epochs']
+
+
+def _table_rows(card: Path) -> dict:
+    """{first cell: [other cells]} of the markdown table between the markers."""
+    block = card.read_text().split(study.START)[1].split(study.END)[0]
+    rows = [line.strip('|').split('|') for line in block.splitlines() if line.startswith('| ')]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_report_writes_the_table_from_the_records(workspace, capsys):
+    results, card, docs = workspace
+    assert _report(results, card, docs) == 0
+    rows = _table_rows(card)
+    arms = ['resnet20', 'denseresnet20_n4', 'denseresnet20_n4-init3']
+    top1 = {arm: [_top1(results, f'{arm}-s{seed}') for seed in (0, 1)] for arm in arms}
+    assert rows['seed'] == ['`resnet20` top-1', '`denseresnet20_n4` top-1', '`denseresnet20_n4` − `resnet20`',
+                            '`denseresnet20_n4-init3` top-1', '`denseresnet20_n4-init3` − `resnet20`']
+    for seed in (0, 1):
+        cells = rows[str(seed)]
+        assert cells[0] == f'{top1["resnet20"][seed]:.2f} %'
+        for column, arm in ((1, 'denseresnet20_n4'), (3, 'denseresnet20_n4-init3')):
+            assert cells[column] == f'{top1[arm][seed]:.2f} %'
+            assert cells[column + 1] == f'{top1[arm][seed] - top1["resnet20"][seed]:+.2f} pp'
+    means = rows['mean ± std']
+    for column, arm in ((0, 'resnet20'), (1, 'denseresnet20_n4'), (3, 'denseresnet20_n4-init3')):
+        values = top1[arm]
+        assert means[column] == f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} % (n=2)'
+    for column, arm in ((2, 'denseresnet20_n4'), (4, 'denseresnet20_n4-init3')):
+        diffs = [a - b for a, b in zip(top1[arm], top1['resnet20'])]
+        assert means[column] == f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} pp (n=2)'
+    times = rows['s per epoch (mean)']
+    for column, arm in ((0, 'resnet20'), (1, 'denseresnet20_n4'), (3, 'denseresnet20_n4-init3')):
+        expected = statistics.mean(_seconds_per_epoch(results, f'{arm}-s{seed}') for seed in (0, 1))
+        assert times[column] == f'{expected:.0f}'
+    text = card.read_text()
+    assert text.startswith(CARD.split(study.START)[0]) and text.endswith(study.END + '\n\n## Next section\n')
+    assert "paper's" in text and '24.65 %' in text and '22.62 %' in text
+    assert '| 0 |' in capsys.readouterr().out  # the table goes to stdout too
+    assert (docs / study.CURVES_PNG).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_report_is_stable_and_check_detects_a_change(workspace):
+    results, card, docs = workspace
+    _report(results, card, docs)
+    first = card.read_bytes()
+    assert _report(results, card, docs) == 0
+    assert card.read_bytes() == first
+    assert _report(results, card, docs, '--check') == 0
+
+    validate = results / 'resnet20-s1' / 'validate.json'
+    record = json.loads(validate.read_text())
+    validate.write_text(json.dumps(dict(record, top1=record['top1'] - 1.0)))
+    assert _report(results, card, docs, '--check') == 1
+    assert card.read_bytes() == first  # --check writes nothing
+
+
+def test_unfinished_run_is_named_and_left_out(workspace, capsys):
+    results, card, docs = workspace
+    shutil.copytree(results / 'resnet20-s1', results / 'resnet20-s2')
+    (results / 'resnet20-s2' / 'validate.json').unlink()
+    assert _report(results, card, docs) == 0
+    err = capsys.readouterr().err
+    assert 'resnet20-s2' in err and 'validate.json' in err
+    assert '2' not in _table_rows(card)
+    assert _table_rows(card)['mean ± std'][0].endswith('(n=2)')
+
+
+def test_collect_copies_only_finished_runs(tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    shutil.copytree(FIXTURE / 'resnet20-s0', runs / 'resnet20-s0')
+    (runs / 'resnet20-s0' / 'last.pth.tar').write_bytes(b'not a record')
+    shutil.copytree(FIXTURE / 'resnet20-s1', runs / 'resnet20-s1')
+    (runs / 'resnet20-s1' / 'timing.json').unlink()
+    assert study.main(['collect', '--results', str(tmp_path / 'results'), *map(str, sorted(runs.iterdir()))]) == 0
+    copied = tmp_path / 'results' / 'resnet20-s0'
+    assert sorted(p.name for p in copied.iterdir()) == sorted(study.RECORDS)
+    assert not (tmp_path / 'results' / 'resnet20-s1').exists()
+    assert 'resnet20-s1' in capsys.readouterr().err
+
+
+def test_run_dry_run_prints_train_and_validate(capsys):
+    assert study.main(['run', 'denseresnet20_n4', '--seed', '2', '--variant-name', 'init3',
+                       '--model-kwargs', 'gate_init_logit=3.0', '--epochs', '4', '--dry-run']) == 0
+    train, validate = capsys.readouterr().out.splitlines()
+    assert '--config recipes/fmnist_study.yaml' in train and '--experiment denseresnet20_n4-init3-s2' in train
+    assert '--epochs 4' in train and '--model-kwargs gate_init_logit=3.0' in train
+    assert 'denseresnet20_n4-init3-s2/last.pth.tar' in validate and '--results-format json' in validate
+    assert '--in-chans 1 --input-size 1 28 28 --mean 0.286 --std 0.353' in validate
+
+
+def _tiny_image_folder(root: Path) -> None:
+    for label in ('a', 'b'):
+        folder = root / 'validation' / label
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new('L', (28, 28), color=40 * i + (100 if label == 'b' else 0)).save(folder / f'{i}.png')
+
+
+def test_gates_of_a_train_checkpoint(tmp_path):
+    model = timm.create_model('denseresnet20_n4', num_classes=10, in_chans=1)
+    checkpoint = tmp_path / 'denseresnet20_n4-s0' / 'last.pth.tar'
+    checkpoint.parent.mkdir()
+    torch.save({'arch': 'denseresnet20_n4', 'state_dict': model.state_dict(),
+                'args': argparse.Namespace(model='denseresnet20_n4', seed=0)}, checkpoint)
+    _tiny_image_folder(tmp_path / 'data')
+    results = tmp_path / 'results'
+    assert study.main(['report', '--results', str(results), '--gates', '--checkpoint', str(checkpoint),
+                       '--model', 'denseresnet20_n4', '--data-dir', str(tmp_path / 'data')]) == 0
+
+    record = json.loads((results / 'gates_denseresnet20_n4-s0.json').read_text())
+    assert record['images'] == 6
+    assert f'--gates --checkpoint {checkpoint} --model denseresnet20_n4' in record['command']
+    assert list(record['w_mean']) == list(gate_modules(model))
+    for block, weights in record['w_mean'].items():
+        assert weights and sum(weights) == pytest.approx(1.0, abs=1e-5), block
+
+    card, docs = tmp_path / 'MODEL_CARD.md', tmp_path / 'docs'
+    card.write_text(CARD)
+    assert _report(results, card, docs) == 0
+    assert (docs / 'study_gates_denseresnet20_n4-s0.png').read_bytes().startswith(PNG_SIGNATURE)
+    assert 'docs/study_gates_denseresnet20_n4-s0.png' in card.read_text()
+
+
+def test_gates_of_a_pretrained_model_spec(tmp_path):
+    _tiny_image_folder(tmp_path / 'data')
+    spec = f'local-dir:{ROOT / "weights" / "denseresnet110_n4.fmnist"}'
+    assert study.main(['report', '--results', str(tmp_path), '--gates', spec,
+                       '--data-dir', str(tmp_path / 'data')]) == 0
+    record = json.loads((tmp_path / 'gates_denseresnet110_n4.fmnist.json').read_text())
+    assert list(record['w_mean']) == list(gate_modules(timm.create_model('denseresnet110_n4')))
+    assert record['images'] == 6
+    for block, weights in record['w_mean'].items():
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5), block

@@ -1,0 +1,394 @@
+"""The Fashion-MNIST study (MODEL_CARD.md, "Fashion-MNIST study"): one command per run, one to make the results.
+
+    python tools/study.py run denseresnet20_n4 --seed 0                  # train + validate + copy the records
+    python tools/study.py run denseresnet20_n4 --seed 0 --variant-name init3 --model-kwargs gate_init_logit=3.0
+    python tools/study.py collect runs/study/*                           # copy the records of finished runs
+    python tools/study.py report                                         # table in MODEL_CARD.md + figures
+    python tools/study.py report --check                                 # exit 1 if MODEL_CARD.md is stale
+    python tools/study.py report --gates --checkpoint runs/study/denseresnet20_n4-s0/last.pth.tar \
+        --model denseresnet20_n4 --data-dir data/fashion-mnist-20k      # mean gate weights (paper's Fig. 4)
+
+A run `{model}{-variant}-s{seed}` trains with timm's train.py and recipes/fmnist_study.yaml, is scored by timm's
+validate.py on its final-epoch weights (last.pth.tar), and leaves four records in results/fmnist_study/<run>/:
+args.yaml, summary.csv (per epoch), validate.json (the final top-1) and timing.json. The report reads only those.
+A development tool for this repository's own study, so it lives here and not in the package.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = 'recipes/fmnist_study.yaml'
+RECORDS = ('args.yaml', 'summary.csv', 'validate.json', 'timing.json')
+RESULTS = ROOT / 'results' / 'fmnist_study'
+START, END = '<!-- study-table:start -->', '<!-- study-table:end -->'
+CURVES_PNG = 'study_curves_fmnist.png'
+WIDTH = 116  # the model card's line length
+RUN_NAME = re.compile(r'^(?P<arm>[A-Za-z0-9_.-]+)-s(?P<seed>\d+)$')
+
+
+def recipe() -> dict:
+    with open(ROOT / RECIPE) as f:
+        return yaml.safe_load(f)
+
+
+# ---- run / collect ---------------------------------------------------------------------------------------------
+
+def run_commands(args: argparse.Namespace) -> List[List[str]]:
+    """train.py with the study recipe, then validate.py on last.pth.tar with the recipe's data config."""
+    r = recipe()
+    run_dir = Path(args.output) / args.name
+    kwargs = ['--model-kwargs', *args.model_kwargs] if args.model_kwargs else []
+    train = [sys.executable, 'scripts/train.py', '--config', RECIPE, '--data-dir', args.data_dir,
+             '--model', args.model, '--seed', str(args.seed), '--epochs', str(args.epochs),
+             '--output', args.output, '--experiment', args.name, *kwargs]
+    validate = [sys.executable, 'scripts/validate.py', args.data_dir, '--split', r['val_split'],
+                '--model', args.model, '--checkpoint', str(run_dir / 'last.pth.tar'), *kwargs,
+                '--num-classes', str(r['num_classes']), '--in-chans', str(r['in_chans']),
+                '--input-size', *map(str, r['input_size']), '--mean', *map(str, r['mean']),
+                '--std', *map(str, r['std']), '--crop-pct', str(r['crop_pct']),
+                '--interpolation', r['interpolation'], '--input-img-mode', r['input_img_mode'], '--device', 'cpu',
+                '--batch-size', '256', '--workers', '1',
+                '--results-file', str(run_dir / 'validate.json'), '--results-format', 'json']
+    return [train, validate]
+
+
+def call(command: List[str], env: Dict[str, str], run: str) -> None:
+    if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
+        sys.exit(f'error: {command[1]} failed for {run} (its output is above); no records copied')
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    args.name = f'{args.model}{"-" + args.variant_name if args.variant_name else ""}-s{args.seed}'
+    args.epochs = args.epochs or recipe()['epochs']
+    args.output, args.data_dir = str(Path(args.output).resolve()), str(Path(args.data_dir).resolve())
+    bad = [kv for kv in args.model_kwargs if '=' not in kv]
+    if bad:
+        sys.exit(f'error: --model-kwargs takes KEY=VALUE, got {bad}')
+    train, validate = run_commands(args)
+    if args.dry_run:
+        for command in (train, validate):
+            print(' '.join(command))
+        return 0
+    run_dir = Path(args.output) / args.name
+    if (run_dir / 'summary.csv').exists():  # train.py would append a second run's epochs to it
+        sys.exit(f'error: {run_dir} already holds a run; remove it or choose another --output')
+    if not (Path(args.data_dir) / 'train').is_dir():
+        sys.exit(f'error: no {args.data_dir}/train; make it with scripts/prepare_fashion_mnist.py '
+                 '--train-per-class 2000 --out data/fashion-mnist-20k, or pass --data-dir')
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    start = time.time()
+    call(train, env, args.name)
+    train_seconds = round(time.time() - start)
+    call(validate, env, args.name)
+    timing = {'train_seconds': train_seconds, 'epochs': args.epochs, 'threads': args.threads}
+    (run_dir / 'timing.json').write_text(json.dumps(timing) + '\n')
+    return cmd_collect(argparse.Namespace(run_dirs=[str(run_dir)], results=args.results))
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Copy the records of each finished run (all four present) to RESULTS/<run>/; name the others."""
+    for run_dir in map(Path, args.run_dirs):
+        missing = [name for name in RECORDS if not (run_dir / name).is_file()]
+        if missing:
+            print(f'skipped {run_dir}: no {", ".join(missing)} (not finished?)', file=sys.stderr)
+            continue
+        dest = Path(args.results) / run_dir.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in RECORDS:
+            shutil.copyfile(run_dir / name, dest / name)
+        print(f'copied {run_dir} -> {dest}')
+    return 0
+
+
+# ---- report: table -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    arm: str  # model name plus variant, e.g. denseresnet20_n4-init3
+    model: str
+    seed: int
+    top1: float  # validate.py on the final-epoch weights, percent
+    seconds_per_epoch: float
+    test_error: List[float]  # per epoch, percent, from summary.csv
+
+    @property
+    def depth(self) -> int:
+        return int(re.search(r'\d+', self.model).group())
+
+
+def load_run(run_dir: Path) -> Run:
+    """A run's records; ValueError saying what is missing or inconsistent."""
+    match = RUN_NAME.match(run_dir.name)
+    if not match:
+        raise ValueError('the folder name is not {model}{-variant}-s{seed}')
+    missing = [name for name in RECORDS if not (run_dir / name).is_file()]
+    if missing:
+        raise ValueError(f'no {", ".join(missing)} (an unfinished run?)')
+    train_args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    arm, seed = match['arm'], int(match['seed'])
+    if not arm.startswith(train_args['model']) or train_args['seed'] != seed:
+        raise ValueError(f'args.yaml says model {train_args["model"]} seed {train_args["seed"]}')
+    timing = json.loads((run_dir / 'timing.json').read_text())
+    with open(run_dir / 'summary.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != timing['epochs']:
+        raise ValueError(f'summary.csv has {len(rows)} epochs, timing.json says {timing["epochs"]}')
+    return Run(arm, train_args['model'], seed,
+               top1=float(json.loads((run_dir / 'validate.json').read_text())['top1']),
+               seconds_per_epoch=timing['train_seconds'] / timing['epochs'],
+               test_error=[100.0 - float(row['eval_top1']) for row in rows])
+
+
+def load_runs(results: Path) -> List[Run]:
+    runs = []
+    for run_dir in sorted(p for p in results.iterdir() if p.is_dir()):
+        try:
+            runs.append(load_run(run_dir))
+        except (ValueError, json.JSONDecodeError) as e:
+            print(f'left out {run_dir}: {e}', file=sys.stderr)
+        except KeyError as e:
+            print(f'left out {run_dir}: a record lacks the key {e}', file=sys.stderr)
+    return runs
+
+
+def by_depth(runs: List[Run]) -> Dict[int, Dict[str, Dict[int, Run]]]:
+    """{depth: {arm: {seed: run}}}, the ResNet arm first, then the dense arms by name."""
+    groups: Dict[int, Dict[str, Dict[int, Run]]] = {}
+    for run in sorted(runs, key=lambda r: (r.depth, not r.arm.startswith('resnet'), r.arm, r.seed)):
+        groups.setdefault(run.depth, {}).setdefault(run.arm, {})[run.seed] = run
+    return groups
+
+
+def mean_std(values: List[float], signed: bool = False, unit: str = '') -> str:
+    sign = '+' if signed else ''
+    if len(values) < 2:  # a sample std needs two values
+        return f'{statistics.mean(values):{sign}.2f}{unit} (n=1)'
+    return f'{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}{unit} (n={len(values)})'
+
+
+def comparison_table(arms: Dict[str, Dict[int, Run]]) -> List[str]:
+    """Rows per seed: each arm's top-1 and, for each dense arm, its paired difference to the ResNet arm."""
+    names = list(arms)
+    base = names[0] if names[0].startswith('resnet') else None
+    header = ['seed']
+    for arm in names:
+        header.append(f'`{arm}` top-1')
+        if base and arm != base:
+            header.append(f'`{arm}` − `{base}`')
+    seeds = sorted({seed for runs in arms.values() for seed in runs})
+    rows = [[str(seed)] for seed in seeds]
+    means, times = ['mean ± std'], ['s per epoch (mean)']
+    for arm in names:
+        runs = arms[arm]
+        for row, seed in zip(rows, seeds):
+            row.append(f'{runs[seed].top1:.2f} %' if seed in runs else '–')
+        means.append(mean_std([r.top1 for r in runs.values()], unit=' %'))
+        times.append(f'{statistics.mean(r.seconds_per_epoch for r in runs.values()):.0f}')
+        if base and arm != base:
+            paired = [s for s in seeds if s in runs and s in arms[base]]
+            diffs = {s: runs[s].top1 - arms[base][s].top1 for s in paired}
+            for row, seed in zip(rows, seeds):
+                row.append(f'{diffs[seed]:+.2f} pp' if seed in diffs else '–')
+            means.append(mean_std(list(diffs.values()), signed=True, unit=' pp') if diffs else '–')
+            times.append('')
+    cells = [header, ['---'] * len(header), *rows, means, times]
+    return ['| ' + ' | '.join(row) + ' |' for row in cells]
+
+
+def paper_line() -> str:
+    from timm_denseres.paper import PAPER_TABLE
+
+    base, dense = PAPER_TABLE['resnet110'].top1_err, PAPER_TABLE['denseresnet110_n4'].top1_err
+    return (f"The paper's numbers, for reference (CIFAR-100, not this data): ResNet-110 "
+            f'{base:.2f} % and DenseResNet-110 N=4 {dense:.2f} % top-1 error, i.e. {base - dense:+.2f} pp top-1 '
+            f'accuracy for the dense model.')
+
+
+def study_block(runs: List[Run], gates: Dict[str, dict]) -> str:
+    lines = [textwrap.fill(paper_line(), WIDTH), '']
+    if not runs:
+        lines.append('No finished runs in `results/fmnist_study/` yet.')
+    for depth, arms in by_depth(runs).items():
+        epochs = sorted({len(r.test_error) for seeds in arms.values() for r in seeds.values()})
+        caption = (f'**Depth {depth}** ({"/".join(map(str, epochs))} epochs; top-1 of the final-epoch weights on '
+                   'all 10 000 test images; pp: percentage points; s per epoch: wall time of train.py per epoch, '
+                   'with its per-epoch test pass):')
+        lines += [textwrap.fill(caption, WIDTH), '', *comparison_table(arms), '']
+    if runs:
+        lines.append(f'![test error per epoch, mean and min-max over seeds](docs/{CURVES_PNG})')
+    for name, record in gates.items():
+        caption = (f"Mean gate weights w_ik per block and offset (the paper's Fig. 4) of `{name}` over the "
+                   f"`{record['split']}` split ({record['images']} images), recorded in "
+                   f"`results/fmnist_study/gates_{name}.json` by `{record['command']}`:")
+        figure = f'![mean gate weights w_ik of {name}](docs/study_gates_{name}.png)'
+        lines += ['', textwrap.fill(caption, WIDTH), '', figure]
+    return '\n'.join(lines).rstrip('\n')
+
+
+def replace_block(text: str, block: str, path: Path) -> str:
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f'error: {path} needs one {START} line followed by one {END} line')
+    head, rest = text.split(START)
+    return f'{head}{START}\n{block}\n{END}{rest.split(END)[1]}'
+
+
+# ---- report: figures ---------------------------------------------------------------------------------------------
+
+def plot_curves(runs: List[Run], path: Path) -> None:
+    """Test error per epoch, mean line and min-max band over seeds per arm, one panel per depth (Fig. 3/5)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    groups = by_depth(runs)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.0 * len(groups), 3.8), squeeze=False)
+    for ax, (depth, arms) in zip(axes[0], groups.items()):
+        for arm, seeds in arms.items():
+            length = min(len(r.test_error) for r in seeds.values())
+            errors = np.array([r.test_error[:length] for r in seeds.values()])
+            epochs = np.arange(1, length + 1)
+            ax.plot(epochs, errors.mean(0), marker='o', markersize=3, label=f'{arm} (n={len(errors)})')
+            ax.fill_between(epochs, errors.min(0), errors.max(0), alpha=0.2)
+        ax.set_title(f'Fashion-MNIST, depth {depth}', fontsize=10)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel('test top-1 error (%)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def record_gate_json(args: argparse.Namespace) -> Path:
+    """Mean w_ik per block over a data split for a trained dense model, saved as RESULTS/gates_<name>.json."""
+    import timm
+    import torch
+
+    import timm_denseres  # noqa: F401  registers the models
+    from timm_denseres.evaluate import make_loader
+    from timm_denseres.gate_stats import record_gates
+
+    if args.checkpoint:
+        if not args.model:
+            sys.exit('error: --checkpoint needs --model NAME (the architecture it was trained as)')
+        r = recipe()
+        data_cfg = {key: r[key] for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')}
+        model = timm.create_model(args.model, num_classes=r['num_classes'], in_chans=r['in_chans'],
+                                  pretrained_cfg_overlay=data_cfg)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args in the file
+            state = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
+        model.load_state_dict(state['state_dict'])
+        source, name = f'--checkpoint {args.checkpoint} --model {args.model}', Path(args.checkpoint).parent.name
+    else:
+        model = timm.create_model(args.gates, pretrained=True)
+        source, name = args.gates, Path(args.gates.split(':')[-1]).name
+    name = args.name or name
+    model.eval()
+    loader = make_loader(model, args.data_dir, args.split, batch_size=200)
+    with torch.no_grad(), record_gates(model) as stats:
+        for images, _ in loader:
+            model(images)
+    command = (f'python tools/study.py report --gates {source} --data-dir {args.data_dir} --split {args.split}'
+               + (f' --name {args.name}' if args.name else ''))
+    record = {'command': command, 'split': args.split, 'images': len(loader.dataset),
+              'w_mean': stats.w_mean(), 'v_mean': stats.v_mean()}
+    path = Path(args.results) / f'gates_{name}.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + '\n')
+    return path
+
+
+def gate_records(results: Path) -> Dict[str, dict]:
+    return {p.stem[len('gates_'):]: json.loads(p.read_text()) for p in sorted(results.glob('gates_*.json'))}
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    results, docs, card = Path(args.results), Path(args.docs), Path(args.model_card)
+    if args.gates is not None:
+        print(f'wrote {record_gate_json(args)}; run `python tools/study.py report` for the figure')
+        return 0
+    if not results.is_dir():
+        sys.exit(f'error: no results folder {results}')
+    runs, gates = load_runs(results), gate_records(results)
+    block = study_block(runs, gates)
+    print(block)
+    text = card.read_text()
+    new_text = replace_block(text, block, card)
+    if args.check:
+        if new_text != text:
+            print(f'{card} is out of date: run `python tools/study.py report`', file=sys.stderr)
+            return 1
+        return 0
+    if new_text != text:
+        card.write_text(new_text)
+    from timm_denseres.gate_figure import plot_gate_weights
+
+    docs.mkdir(parents=True, exist_ok=True)
+    if runs:
+        plot_curves(runs, docs / CURVES_PNG)
+    for name, record in gates.items():
+        plot_gate_weights(record['w_mean'], str(docs / f'study_gates_{name}.png'),
+                          title=f'{name}: mean w_ik over {record["split"]} ({record["images"]} images)')
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--results', default=str(RESULTS), help='the records, one folder per run')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    run = sub.add_parser('run', parents=[common], help='train, validate and collect one run')
+    run.add_argument('model')
+    run.add_argument('--seed', type=int, required=True)
+    run.add_argument('--variant-name', default='', help='added to the run name: {model}-{variant}-s{seed}')
+    run.add_argument('--model-kwargs', nargs='+', default=[], metavar='KEY=VALUE')
+    run.add_argument('--epochs', type=int, help="default: the recipe's")
+    run.add_argument('--data-dir', default='data/fashion-mnist-20k')
+    run.add_argument('--output', default='runs/study', help="train.py's --output")
+    run.add_argument('--threads', type=int, default=1)
+    run.add_argument('--dry-run', action='store_true', help='print the commands only')
+    run.set_defaults(func=cmd_run)
+
+    collect = sub.add_parser('collect', parents=[common], help='copy the records of finished runs to --results')
+    collect.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
+    collect.set_defaults(func=cmd_collect)
+
+    report = sub.add_parser('report', parents=[common], help='table in MODEL_CARD.md, figures')
+    report.add_argument('--model-card', default=str(ROOT / 'MODEL_CARD.md'))
+    report.add_argument('--docs', default=str(ROOT / 'docs'), help='where the PNGs go')
+    report.add_argument('--check', action='store_true', help='exit 1 if the model card would change')
+    report.add_argument('--gates', nargs='?', const='', metavar='MODEL_SPEC',
+                        help='record gate weights of a pretrained model spec (or of --checkpoint)')
+    report.add_argument('--checkpoint', help="a train.py checkpoint (last.pth.tar); needs --model")
+    report.add_argument('--model', help='the architecture of --checkpoint')
+    report.add_argument('--data-dir', help='ImageFolder root for --gates')
+    report.add_argument('--split', default='validation')
+    report.add_argument('--name', help='gates_<name>.json; default: the run folder or model name')
+    report.set_defaults(func=cmd_report)
+
+    args = parser.parse_args(argv)
+    if getattr(args, 'gates', None) is not None and not (args.data_dir and (args.gates or args.checkpoint)):
+        parser.error('--gates needs --data-dir and a MODEL_SPEC or --checkpoint PATH --model NAME')
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
