@@ -44,7 +44,7 @@ def test_outside_a_clone_it_says_what_to_pass(tmp_path):
     assert result.returncode != 0
     assert result.stdout == ''
     message = result.stderr.strip()
-    assert 'no weights/denseresnet110_n4.fmnist/model.safetensors and data/sample/fashion-mnist in ' in message
+    assert 'no weights/denseresnet20_n4.fmnist/model.safetensors and data/sample/fashion-mnist in ' in message
     assert '--model' in message and '--data-dir' in message
     assert 'Traceback' not in message
 

@@ -22,7 +22,7 @@ from .gate_stats import record_gates
 
 # where a clone keeps them; an installed wheel has neither (site-packages/weights does not exist)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_CHECKPOINT = REPO_ROOT / 'weights' / 'denseresnet110_n4.fmnist'
+BUNDLED_CHECKPOINT = REPO_ROOT / 'weights' / 'denseresnet20_n4.fmnist'
 BUNDLED_SAMPLE = REPO_ROOT / 'data' / 'sample' / 'fashion-mnist'
 
 

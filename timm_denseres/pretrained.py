@@ -111,6 +111,8 @@ PUBLISHED: Dict[str, Published] = {
     # line when it writes a folder; tests/test_pretrained.py checks every weights/ folder against it.
     'resnet110.fmnist': Published('fmnist', '2bbea468bc8c7366984682ebadbbb3eeb9bb45be14f8f3e5fd7c1cd01f673649'),
     'denseresnet110_n4.fmnist': Published('fmnist', '96cadcd21b66d7d31ea44731d6a54c1e055d284e77f16df6f9cf749ceb47a5d8'),
+    'resnet20.fmnist': Published('fmnist', 'e98e005c1f5b147edc16d656a67733a87e13fb23910ef7ccd4114a9f93ae3ccc'),
+    'denseresnet20_n4.fmnist': Published('fmnist', '4d3423bff8c6a31332b0a9efd36d769acbed8146a9b12235042848b936cc9cd3'),
 }
 """The published checkpoints: their tagged cfgs are made from this table, and each load checks the sha256."""
 
