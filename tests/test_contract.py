@@ -190,6 +190,14 @@ def test_reset_classifier(name):
         model.reset_classifier(0, global_pool='')
         _close(model(x), feats)
 
+        # global_pool=None keeps the pooling; the new head follows the model's dtype and mode
+        model.reset_classifier(3, global_pool='max')
+        model.double().train()
+        model.reset_classifier(4)
+        _close(model.forward_head(feats.double(), pre_logits=True), feats.double().amax((2, 3)))
+        assert model.get_classifier().weight.dtype == torch.float64
+        assert all(m.training for m in model.modules())
+
 
 @pytest.mark.parametrize('name', MODELS)
 def test_create_with_other_heads(name):
