@@ -1,14 +1,7 @@
 """The paper's Tables 1 and 2 (Takeda, MIRU 2020): parameters, multiply-adds and top-1 error."""
 from typing import Dict, NamedTuple, Optional, Tuple
 
-__all__ = ['PAPER', 'PaperEntry', 'PAPER_TABLE', 'baseline_of']
-
-PAPER = dict(
-    paper_ids='MIRU2020',
-    paper_name='Dense Residual Networks for Image Classification (Takeda, MIRU 2020)',
-    license='apache-2.0',
-)
-"""The paper fields of every pretrained cfg."""
+__all__ = ['PaperEntry', 'PAPER_TABLE', 'baseline_of']
 
 
 class PaperEntry(NamedTuple):

@@ -51,8 +51,6 @@ from timm.models import (
     parse_model_name, resolve_pretrained_cfg, split_model_name_tag)
 from timm.models._hub import hf_split
 
-from .paper import PAPER
-
 __all__ = [
     'HUB_ORG', 'WEIGHTS_FILE', 'HUB_FILES', 'CONFIG_SHA256_KEY', 'Dataset', 'DATASETS', 'Published', 'PUBLISHED',
     'WARM_STARTS', 'WARM_START_GATE_LOGIT', 'FASHION_MNIST', 'PretrainedWeightsError', 'hub_repo_id',
@@ -580,6 +578,14 @@ def _ask_hub(repo_id: str, filename: str, revision: Optional[str], what: str,
         return  # the Hub answered (a gated repo, another file name, ...): timm's own download handles it
     except Exception as e:  # huggingface_hub raises its HTTP client's own errors for a failed connection
         raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir)) from e
+
+
+PAPER = dict(
+    paper_ids='MIRU2020',
+    paper_name='Dense Residual Networks for Image Classification (Takeda, MIRU 2020)',
+    license='apache-2.0',
+)
+"""The paper fields of every pretrained cfg."""
 
 
 def imagenet_cfg(**kwargs: Any) -> Dict[str, Any]:
