@@ -11,7 +11,7 @@ facts ``in_chs``, ``out_chs``, ``pool``, ``changes_shape``, and a ``drop_path`` 
 """
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, ContextManager, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn as nn
