@@ -2,7 +2,11 @@
 
 ``-k NAME`` matches substrings of test ids, so ``resnet20`` would also select timm's ``resnet200`` and
 ``seresnet200d``; this compares each test's ``model_name`` parameter (tag removed) with our model names.
+``OUR_MODELS="name ..."`` narrows the tests to those of our models (a name we do not register is an error).
 """
+import os
+
+import pytest
 import timm
 from timm.models import model_entrypoint
 
@@ -14,8 +18,19 @@ def our_model_names() -> set:
     return {name for name in timm.list_models() if model_entrypoint(name).__module__.startswith('timm_denseres')}
 
 
-def pytest_collection_modifyitems(config, items):
+def selected_model_names() -> set:
     ours = our_model_names()
+    chosen = set(os.environ.get('OUR_MODELS', '').split())
+    if not chosen:
+        return ours
+    unknown = chosen - ours
+    if unknown:
+        raise pytest.UsageError(f'OUR_MODELS names models timm_denseres does not register: {sorted(unknown)}')
+    return chosen
+
+
+def pytest_collection_modifyitems(config, items):
+    ours = selected_model_names()
     keep, drop = [], []
     for item in items:
         callspec = getattr(item, 'callspec', None)

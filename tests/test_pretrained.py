@@ -745,3 +745,36 @@ def test_published_line_is_a_registered_tag_with_a_sha256(name):
     assert get_pretrained_cfg(name).hf_hub_id == P.hub_repo_id(name)
     assert RECORDED[name].dataset in P.DATASETS
     assert re.fullmatch('[0-9a-f]{64}', RECORDED[name].sha256)
+
+
+# every bundled checkpoint by its tag from a Hugging Face cache (HF_HUB_OFFLINE=1) and by local-dir:
+BY_TAG_AND_FOLDER = '''
+import json, sys, timm, torch
+import timm_denseres  # noqa: F401
+names, weights, x = json.loads(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3])
+out = {}
+for name in names:
+    by_tag = timm.create_model(name, pretrained=True).eval()
+    by_folder = timm.create_model(f'local-dir:{weights}/{name}', pretrained=True).eval()
+    with torch.no_grad():
+        logits = by_tag(x)
+        out[name] = dict(tag=by_tag.pretrained_cfg['tag'], diff=(logits - by_folder(x)).abs().max().item(),
+                         spread=logits.std().item())
+print(json.dumps(out))
+'''
+
+
+def test_bundled_checkpoints_load_by_tag_offline_as_from_their_folder(tmp_path):
+    cache = tmp_path / 'hf-cache'
+    for folder in WEIGHTS_FOLDERS:
+        fill_hf_cache(cache, P.hub_repo_id(folder.name), folder)
+    torch.save(_input((4, 1, 28, 28), seed=5), tmp_path / 'x.pt')
+    names = [folder.name for folder in WEIGHTS_FOLDERS]
+    proc = _run(BY_TAG_AND_FOLDER, [json.dumps(names), REPO_ROOT / 'weights', tmp_path / 'x.pt'],
+                {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(results) == sorted(names) and names
+    for name, result in results.items():
+        assert result['tag'] == name.split('.', 1)[1]
+        assert result['diff'] == 0.0 and result['spread'] > 0.1, (name, result)
