@@ -25,7 +25,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_table_for_a_pair_in_worker_processes():
     """Tiny settings: both models are built in their worker processes, timed and measured; the table has a row per
     model with its real parameter count and a ratio row whose parameter ratio is the models' own."""
-    result = _run('--model', 'denseresnet110_n2', '--baseline', 'resnet110', '--img-size', '16', '--batch-size', '2',
+    result = _run('--model', 'denseresnet20_n2', '--baseline', 'resnet20', '--img-size', '16', '--batch-size', '2',
                   '--repeats', '2', '--min-time', '0', '--warmup', '1', '--threads', '1', '--malloc', 'steady')
     assert result.returncode == 0, result.stderr
     rows = {}
@@ -33,12 +33,12 @@ def test_table_for_a_pair_in_worker_processes():
         cells = [c.strip() for c in line.strip('|').split('|')]
         if len(cells) == 9 and cells[0] == 'cpu':
             rows[cells[1]] = cells
-    params = {n: sum(p.numel() for p in timm.create_model(n).parameters()) for n in ('denseresnet110_n2', 'resnet110')}
+    params = {n: sum(p.numel() for p in timm.create_model(n).parameters()) for n in ('denseresnet20_n2', 'resnet20')}
     for name in params:
         assert float(rows[name][3]) == pytest.approx(params[name] / 1e6, abs=0.005)
         assert all(float(c) > 0 for c in rows[name][4:])  # MACs, infer/train img/s, peak MB
-    ratio = rows['**ratio** denseresnet110_n2 / resnet110']
-    assert float(ratio[3]) == pytest.approx(params['denseresnet110_n2'] / params['resnet110'], abs=0.001)
+    ratio = rows['**ratio** denseresnet20_n2 / resnet20']
+    assert float(ratio[3]) == pytest.approx(params['denseresnet20_n2'] / params['resnet20'], abs=0.001)
     assert float(ratio[4]) > 1  # the gates add multiply-adds
     assert all(re.fullmatch(r'\*\*\d+\.\d{3}\*\*', c) for c in ratio[5:])
     assert 'malloc steady' in result.stdout
@@ -48,7 +48,7 @@ def test_table_for_a_pair_in_worker_processes():
 
 
 def test_unknown_model_is_a_clear_error():
-    result = _run('--model', 'denseresnet_nope', '--baseline', 'resnet110')
+    result = _run('--model', 'denseresnet_nope', '--baseline', 'resnet20')
     assert result.returncode != 0
     assert 'unknown model(s): denseresnet_nope' in result.stderr
 
