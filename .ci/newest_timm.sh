@@ -16,7 +16,9 @@ start=$SECONDS
 
 [ -x "$venv/bin/python" ] || python -m venv "$venv"
 py=$venv/bin/python
-"$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo"
+if ! (cd "$work" && "$py" -c 'import timm_denseres' 2>/dev/null); then  # .ci/run's venv has it already
+    "$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo"
+fi
 "$py" -m pip install -q -U timm 'pytest<9.2' pytest-xdist pytest-timeout  # timm's own test requirements
 version=$("$py" -c 'import timm; print(timm.__version__)')
 "$py" -m pip download -q --no-binary :all: --no-deps -d "$work" "timm==$version"
