@@ -1,7 +1,7 @@
 """Draw the paper's Fig. 4 for a checkpoint: mean w_ik per block and offset over an image folder.
 
     python scripts/plot_gates.py --model local-dir:weights/denseresnet110_n4.fmnist \
-        --data-dir data/fashion-mnist --split validation --out docs/gates_denseresnet110_n4_fmnist.png
+        --data-dir data/fashion-mnist --split validation --out output/gates_denseresnet110_n4_fmnist.png
 """
 import argparse
 from pathlib import Path

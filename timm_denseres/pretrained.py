@@ -107,8 +107,8 @@ class Published(NamedTuple):
 PUBLISHED: Dict[str, Published] = {
     # '{model}.{tag}': one line per checkpoint of the project's Hub organisation. timm_denseres.export prints the
     # line when it writes a folder; tests/test_pretrained.py checks every weights/ folder against it.
-    'resnet110.fmnist': Published('fmnist', '2bbea468bc8c7366984682ebadbbb3eeb9bb45be14f8f3e5fd7c1cd01f673649'),
-    'denseresnet110_n4.fmnist': Published('fmnist', '96cadcd21b66d7d31ea44731d6a54c1e055d284e77f16df6f9cf749ceb47a5d8'),
+    'resnet110.fmnist': Published('fmnist', '9b2bd7baa38e440e9c461f12dbb50a58850873e2f9538f295b5c7406d08d11bc'),
+    'denseresnet110_n4.fmnist': Published('fmnist', '04867ca154254823b7d177c0d7825bb452eccdd5c20a5b26c598562a072dd242'),
     'resnet20.fmnist': Published('fmnist', 'e98e005c1f5b147edc16d656a67733a87e13fb23910ef7ccd4114a9f93ae3ccc'),
     'denseresnet20_n4.fmnist': Published('fmnist', '4d3423bff8c6a31332b0a9efd36d769acbed8146a9b12235042848b936cc9cd3'),
 }
