@@ -127,8 +127,9 @@ def _check_promise(promise: Promise, run: Dict[str, Any], labels: Optional[List[
 def build_model(arch: str, cfg: Dict[str, Any], model_args: Dict[str, Any],
                 state_dict: Dict[str, torch.Tensor]) -> torch.nn.Module:
     """The model with this pretrained cfg and the checkpoint's weights, loaded strictly."""
-    model = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, num_classes=cfg['num_classes'],
-                              in_chans=cfg['input_size'][0], **model_args)
+    # newer timm puts num_classes (and in_chans) into a local-dir: folder's model_args too: the cfg's values win
+    kwargs = dict(model_args, num_classes=cfg['num_classes'], in_chans=cfg['input_size'][0])
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, **kwargs)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
