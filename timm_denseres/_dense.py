@@ -11,11 +11,12 @@ facts ``in_chs``, ``out_chs``, ``pool``, ``changes_shape``, and a ``drop_path`` 
 """
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, ContextManager, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Callable, ContextManager, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import create_classifier
 from torch.utils.checkpoint import checkpoint
 
 from ._runtime import is_compiling
@@ -177,7 +178,21 @@ def run_stages(
 
 
 class DenseModelMixin:
-    """Model methods shared by the dense families; the model supplies ``dense_stages()``."""
+    """Model methods shared by the dense families; the model supplies ``dense_stages()``, ``num_features``,
+    ``global_pool`` and its classifier under the name ``get_classifier(name_only=True)`` returns."""
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier on the model's device and dtype, in its train/eval mode; ``global_pool=None`` keeps the
+        current pooling."""
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        ref = next(self.parameters())
+        self.global_pool, classifier = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool, device=ref.device, dtype=ref.dtype)
+        setattr(self, self.get_classifier(name_only=True), classifier)
+        self.global_pool.train(self.training)
+        classifier.train(self.training)
 
     def dense_blocks(self) -> List[nn.Module]:
         return [block for stage in self.dense_stages() for block in stage if getattr(block, 'gate', None) is not None]

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier, get_act_layer
+from timm.layers import get_act_layer
 from timm.models import register_model
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, efficientnet_init_weights, round_channels
@@ -187,18 +187,6 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'classifier' if name_only else self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier on the model's device and dtype, in its train/eval mode; ``global_pool=None`` keeps the
-        current pooling."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        ref = self.conv_stem.weight
-        self.global_pool, self.classifier = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, device=ref.device, dtype=ref.dtype)
-        self.global_pool.train(self.training)
-        self.classifier.train(self.training)
 
     def as_sequential(self) -> nn.Sequential:
         raise NotImplementedError('DenseMobileNetV2 blocks pass a history list, not a tensor; no sequential form')

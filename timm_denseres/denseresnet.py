@@ -193,18 +193,6 @@ class DenseResNet(DenseModelMixin, nn.Module):
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return 'fc' if name_only else self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new classifier on the model's device and dtype, in its train/eval mode; ``global_pool=None`` keeps the
-        current pooling."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        ref = self.conv1.weight
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, self.num_classes, pool_type=global_pool, device=ref.device, dtype=ref.dtype)
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         x = self.bn1(x)
