@@ -3,10 +3,13 @@
 # code path (the two tiny test models, the CIFAR-layout pair at depth 20, DenseResNet-34 with the ImageNet stem,
 # DenseMobileNetV2); the other depths and N build the same modules in other numbers, and tests/test_contract.py
 # checks every model's config. OUR_MODELS=all runs every model we register (about 10 minutes more on 2 cores).
+# Then our own tests of what timm's loading and Hub code does with our checkpoints (tests/test_pretrained.py): our
+# suite runs on the pinned timm, and timm 1.0.31 changed what a local-dir: folder passes to the model.
 # Usage: .ci/newest_timm.sh [VENV [PYTEST ARGS...]]
 #   VENV: a virtual environment to install into (made if missing; default: a new one in a temporary folder).
-#   PYTEST ARGS are added to pytest's, e.g. -x, or -k "not pretrained and torchscript" to run a part.
-# The venv gets this tree (editable), then the newest timm; nothing of timm's is copied into the repo.
+#   PYTEST ARGS are added to those of timm's tests, e.g. -x, or -k "not pretrained and torchscript" to run a part.
+# The venv gets this tree (editable, with the test extras), then the newest timm; nothing of timm's is copied
+# into the repo.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$(mktemp -d)/venv}
@@ -17,7 +20,7 @@ start=$SECONDS
 [ -x "$venv/bin/python" ] || python -m venv "$venv"
 py=$venv/bin/python
 if ! (cd "$work" && "$py" -c 'import timm_denseres' 2>/dev/null); then  # .ci/run's venv has it already
-    "$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo"
+    "$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo[test]"
 fi
 "$py" -m pip install -q -U timm 'pytest<9.2' pytest-xdist pytest-timeout  # timm's own test requirements
 version=$("$py" -c 'import timm; print(timm.__version__)')
@@ -35,4 +38,7 @@ case ${OUR_MODELS:-} in
 esac
 OUR_MODELS=$OUR_MODELS PYTHONPATH="$repo/.ci" "$py" -m pytest tests/test_models.py -p timm_denseres -p timm_our_models \
     -k 'not pretrained' -p no:cacheprovider -q -rfE --tb=short -n 2 "$@"
+echo "newest_timm: timm's tests done in $((SECONDS - start)) s"
+cd "$repo"
+"$py" -m pytest tests/test_pretrained.py -p no:cacheprovider -q -rfE --tb=short -n 2
 echo "newest_timm: done in $((SECONDS - start)) s"

@@ -747,6 +747,17 @@ def test_published_line_is_a_registered_tag_with_a_sha256(name):
     assert re.fullmatch('[0-9a-f]{64}', RECORDED[name].sha256)
 
 
+def test_published_lines_quoted_in_the_docs_are_the_recorded_ones():
+    """A PUBLISHED line shown in a doc is copied by users: it must be today's, not one of a replaced checkpoint."""
+    line = re.compile(r"'([\w.]+)': Published\('(\w+)', '([0-9a-f]{64})'\)")
+    docs = [REPO_ROOT / 'README.md', REPO_ROOT / 'MODEL_CARD.md', *sorted((REPO_ROOT / 'docs').glob('*.md')),
+            *sorted((REPO_ROOT / 'weights').glob('*/README.md'))]
+    quoted = [(doc.name, *m.groups()) for doc in docs for m in line.finditer(doc.read_text())]
+    assert quoted, 'the docs show no PUBLISHED line any more: drop this test'
+    for doc, name, dataset, sha256 in quoted:
+        assert RECORDED.get(name) == P.Published(dataset, sha256), f'{doc}: {name}'
+
+
 # every bundled checkpoint by its tag from a Hugging Face cache (HF_HUB_OFFLINE=1) and by local-dir:
 BY_TAG_AND_FOLDER = '''
 import json, sys, timm, torch
