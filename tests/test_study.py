@@ -5,6 +5,7 @@ validate.py write; the expected numbers are computed here from those files, not 
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -151,6 +152,59 @@ def test_run_dry_run_prints_train_and_validate(capsys):
     assert '--epochs 4' in train and '--model-kwargs gate_init_logit=3.0' in train
     assert 'denseresnet20_n4-init3-s2/last.pth.tar' in validate and '--results-format json' in validate
     assert '--in-chans 1 --input-size 1 28 28 --mean 0.286 --std 0.353' in validate
+
+
+def test_run_resume_passes_the_last_checkpoint(capsys):
+    assert study.main(['run', 'resnet20', '--seed', '1', '--output', 'somewhere', '--resume', '--dry-run']) == 0
+    train, _ = capsys.readouterr().out.splitlines()
+    assert train.endswith(f"--resume {Path('somewhere').resolve() / 'resnet20-s1' / 'last.pth.tar'}")
+
+
+SUMMARY_HEADER = 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'  # as train.py writes it
+
+
+def _summary_row(epoch: int) -> str:
+    return f'{epoch},{1 / (epoch + 1)},0.5,{80 + epoch},99.0,0.1\n'
+
+
+def _stopped_run(run_dir: Path, epochs_in_summary: int, checkpoint_epoch: int, started: int, saved: int) -> None:
+    """A train.py run folder as a session's end leaves it: summary.csv may hold an epoch after the checkpoint's."""
+    run_dir.mkdir(exist_ok=True)
+    shutil.copyfile(FIXTURE / 'resnet20-s1' / 'args.yaml', run_dir / 'args.yaml')
+    (run_dir / 'summary.csv').write_text(SUMMARY_HEADER + ''.join(map(_summary_row, range(epochs_in_summary))))
+    torch.save({'epoch': checkpoint_epoch, 'version': 2, 'args': argparse.Namespace(seed=1)},
+               run_dir / 'last.pth.tar')
+    os.utime(run_dir / 'args.yaml', (started, started))
+    os.utime(run_dir / 'last.pth.tar', (saved, saved))
+
+
+def _epochs(summary: Path) -> list:
+    header, *rows = summary.read_text().splitlines()
+    assert header.startswith('epoch,') and not any(row.startswith('epoch,') for row in rows)
+    return [int(row.split(',')[0]) for row in rows]
+
+
+def test_resume_keeps_the_checkpoints_epochs_and_their_time(tmp_path, capsys):
+    run_dir = tmp_path / 'resnet20-s1'
+    _stopped_run(run_dir, epochs_in_summary=3, checkpoint_epoch=1, started=1000, saved=1600)
+    assert study.prepare_resume(run_dir) == {'train_seconds': 600, 'resumed_at_epoch': [2]}
+    assert _epochs(run_dir / 'summary.csv') == [0, 1]  # epoch 2 had no checkpoint: it is trained again
+    assert 'resuming resnet20-s1 after epoch 1' in capsys.readouterr().out
+    # the resumed train.py writes its header again before epoch 2
+    summary = run_dir / 'summary.csv'
+    summary.write_text(summary.read_text() + SUMMARY_HEADER + _summary_row(2) + _summary_row(3))
+    study.tidy_summary(summary)
+    assert _epochs(summary) == [0, 1, 2, 3]
+    # stopped again after epoch 3, then after a part that finished no epoch: each part counts what it finished
+    _stopped_run(run_dir, epochs_in_summary=4, checkpoint_epoch=3, started=2000, saved=2300)
+    assert study.prepare_resume(run_dir) == {'train_seconds': 900, 'resumed_at_epoch': [2, 4]}
+    os.utime(run_dir / 'args.yaml', (3000, 3000))
+    assert study.prepare_resume(run_dir) == {'train_seconds': 900, 'resumed_at_epoch': [2, 4, 4]}
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match='nothing to resume in .*resnet20-s1'):
+        study.prepare_resume(tmp_path / 'resnet20-s1')
 
 
 def _tiny_image_folder(root: Path) -> None:

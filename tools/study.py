@@ -2,6 +2,7 @@
 
     python tools/study.py run denseresnet20_n4 --seed 0                  # train + validate + copy the records
     python tools/study.py run denseresnet20_n4 --seed 0 --variant-name init3 --model-kwargs gate_init_logit=3.0
+    python tools/study.py run denseresnet20_n4 --seed 0 --resume         # go on from a stopped run's last.pth.tar
     python tools/study.py collect runs/study/*                           # copy the records of finished runs
     python tools/study.py report                                         # table in MODEL_CARD.md + figures
     python tools/study.py report --check                                 # exit 1 if MODEL_CARD.md is stale
@@ -55,6 +56,8 @@ def run_commands(args: argparse.Namespace) -> List[List[str]]:
     train = [sys.executable, 'scripts/train.py', '--config', RECIPE, '--data-dir', args.data_dir,
              '--model', args.model, '--seed', str(args.seed), '--epochs', str(args.epochs),
              '--output', args.output, '--experiment', args.name, *kwargs]
+    if getattr(args, 'resume', False):
+        train += ['--resume', str(run_dir / 'last.pth.tar')]
     validate = [sys.executable, 'scripts/validate.py', args.data_dir, '--split', r['val_split'],
                 '--model', args.model, '--checkpoint', str(run_dir / 'last.pth.tar'), *kwargs,
                 '--num-classes', str(r['num_classes']), '--in-chans', str(r['in_chans']),
@@ -84,19 +87,58 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(' '.join(command))
         return 0
     run_dir = Path(args.output) / args.name
-    if (run_dir / 'summary.csv').exists():  # train.py would append a second run's epochs to it
-        sys.exit(f'error: {run_dir} already holds a run; remove it or choose another --output')
+    earlier = {'train_seconds': 0, 'resumed_at_epoch': []}
+    if args.resume:
+        earlier = prepare_resume(run_dir)
+    elif (run_dir / 'summary.csv').exists():  # train.py would append a second run's epochs to it
+        sys.exit(f'error: {run_dir} already holds a run; go on with --resume, remove it or choose another --output')
     if not (Path(args.data_dir) / 'train').is_dir():
         sys.exit(f'error: no {args.data_dir}/train; make it with scripts/prepare_fashion_mnist.py '
                  '--train-per-class 2000 --out data/fashion-mnist-20k, or pass --data-dir')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.time()
     call(train, env, args.name)
-    train_seconds = round(time.time() - start)
+    train_seconds = earlier['train_seconds'] + round(time.time() - start)
+    tidy_summary(run_dir / 'summary.csv')
     call(validate, env, args.name)
     timing = {'train_seconds': train_seconds, 'epochs': args.epochs, 'threads': args.threads}
+    if earlier['resumed_at_epoch']:
+        timing['resumed_at_epoch'] = earlier['resumed_at_epoch']
     (run_dir / 'timing.json').write_text(json.dumps(timing) + '\n')
     return cmd_collect(argparse.Namespace(run_dirs=[str(run_dir)], results=args.results))
+
+
+def tidy_summary(path: Path, epochs: Optional[int] = None) -> None:
+    """One header (a resumed train.py writes another), and only the first `epochs` epochs if given."""
+    lines = path.read_text().splitlines(keepends=True)
+    rows = [line for line in lines[1:] if line != lines[0]]
+    if epochs is not None:
+        rows = [line for line in rows if int(line.split(',', 1)[0]) < epochs]
+    path.write_text(''.join(lines[:1] + rows))
+
+
+def prepare_resume(run_dir: Path) -> dict:
+    """A stopped run goes on from its last.pth.tar: summary.csv keeps the epochs that checkpoint finished (an epoch
+    written after it is trained again). Their time is the checkpoint's mtime less args.yaml's (train.py writes
+    args.yaml as it starts, and again when it resumes): the time of an epoch that was cut off is not counted."""
+    last = run_dir / 'last.pth.tar'
+    if not last.is_file() or not (run_dir / 'summary.csv').is_file():
+        sys.exit(f'error: nothing to resume in {run_dir}: no last.pth.tar and summary.csv')
+    import torch  # only here: the report runs without it
+    with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args, as timm loads them
+        done = torch.load(last, map_location='cpu', weights_only=True)['epoch'] + 1  # saved after each epoch
+    tidy_summary(run_dir / 'summary.csv', epochs=done)
+    # 0 when the last part finished no epoch (its args.yaml is newer than the checkpoint)
+    part = {'train_seconds': max(0, round(last.stat().st_mtime - (run_dir / 'args.yaml').stat().st_mtime)),
+            'resumed_at_epoch': [done]}
+    previous = run_dir / 'timing_before_resume.json'  # a run resumed more than once
+    if previous.is_file():
+        before = json.loads(previous.read_text())
+        part = {'train_seconds': before['train_seconds'] + part['train_seconds'],
+                'resumed_at_epoch': before['resumed_at_epoch'] + part['resumed_at_epoch']}
+    previous.write_text(json.dumps(part) + '\n')
+    print(f'resuming {run_dir.name} after epoch {done - 1} ({part["train_seconds"]} s of training so far)')
+    return part
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -364,6 +406,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument('--data-dir', default='data/fashion-mnist-20k')
     run.add_argument('--output', default='runs/study', help="train.py's --output")
     run.add_argument('--threads', type=int, default=1)
+    run.add_argument('--resume', action='store_true',
+                     help="go on from the run's last.pth.tar (a run that a session's end stopped)")
     run.add_argument('--dry-run', action='store_true', help='print the commands only')
     run.set_defaults(func=cmd_run)
 
