@@ -11,8 +11,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 from tqdm import tqdm
+
+try:
+    from sklearn.datasets import load_digits
+except ImportError:  # not a dependency of the package, nor of its tests
+    raise SystemExit('prepare_digits.py needs scikit-learn, which ships the digits: pip install scikit-learn '
+                     '(or pip install -e ".[extras]")') from None
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -333,6 +333,17 @@ def test_prepare_missing_source_says_how_to_install(tmp_path: Path) -> None:
     assert not (tmp_path / 'out').exists()
 
 
+def test_prepare_digits_without_scikit_learn_says_how_to_install(tmp_path: Path) -> None:
+    script = REPO_ROOT / 'scripts' / 'prepare_digits.py'
+    code = ("import runpy, sys; sys.modules['sklearn'] = None; "  # as in an environment without scikit-learn
+            f"sys.argv = ['prepare_digits.py', '--out', {str(tmp_path / 'out')!r}]; runpy.run_path({str(script)!r})")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == ('prepare_digits.py needs scikit-learn, which ships the digits: pip install '
+                                     'scikit-learn (or pip install -e ".[extras]")')
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('split', ['train', 'validation'])
 def test_sample_layout(split: str) -> None:
     split_dir = SAMPLE / split
