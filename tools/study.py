@@ -86,15 +86,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         for command in (train, validate):
             print(' '.join(command))
         return 0
+    if not (Path(args.data_dir) / 'train').is_dir():
+        sys.exit(f'error: no {args.data_dir}/train; make it with scripts/prepare_fashion_mnist.py '
+                 '--train-per-class 2000 --out data/fashion-mnist-20k, or pass --data-dir')
     run_dir = Path(args.output) / args.name
     earlier = {'train_seconds': 0, 'resumed_at_epoch': []}
     if args.resume:
         earlier = prepare_resume(run_dir)
     elif (run_dir / 'summary.csv').exists():  # train.py would append a second run's epochs to it
         sys.exit(f'error: {run_dir} already holds a run; go on with --resume, remove it or choose another --output')
-    if not (Path(args.data_dir) / 'train').is_dir():
-        sys.exit(f'error: no {args.data_dir}/train; make it with scripts/prepare_fashion_mnist.py '
-                 '--train-per-class 2000 --out data/fashion-mnist-20k, or pass --data-dir')
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.time()
     call(train, env, args.name)
