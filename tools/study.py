@@ -56,7 +56,7 @@ def run_commands(args: argparse.Namespace) -> List[List[str]]:
     train = [sys.executable, 'scripts/train.py', '--config', RECIPE, '--data-dir', args.data_dir,
              '--model', args.model, '--seed', str(args.seed), '--epochs', str(args.epochs),
              '--output', args.output, '--experiment', args.name, *kwargs]
-    if getattr(args, 'resume', False):
+    if args.resume:
         train += ['--resume', str(run_dir / 'last.pth.tar')]
     validate = [sys.executable, 'scripts/validate.py', args.data_dir, '--split', r['val_split'],
                 '--model', args.model, '--checkpoint', str(run_dir / 'last.pth.tar'), *kwargs,
