@@ -3,12 +3,14 @@
 #   pip install -c constraints.txt -e . && python -m timm_denseres
 # then the package as a wheel (pip install .), run outside the clone: one clear instruction without --model and
 # --data-dir, the main job with them.
-# Usage: .ci/clean_install.sh [VENV]   (VENV must not exist yet; default: a new one in a temporary folder)
+# Usage: .ci/clean_install.sh [VENV]   (VENV must not exist yet; default: a new one in a temporary folder,
+# removed on exit)
 # .ci/run goes on in the same VENV with the test extras: the package is editable again after that install.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$(mktemp -d)/venv}
 elsewhere=$(mktemp -d)
+trap 'rm -rf "$elsewhere"' EXIT
+venv=${1:-$elsewhere/venv}
 start=$SECONDS
 
 python -m venv "$venv"

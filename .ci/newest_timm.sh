@@ -6,15 +6,17 @@
 # Then our own tests of what timm's loading and Hub code does with our checkpoints (tests/test_pretrained.py): our
 # suite runs on the pinned timm, and timm 1.0.31 changed what a local-dir: folder passes to the model.
 # Usage: .ci/newest_timm.sh [VENV [PYTEST ARGS...]]
-#   VENV: a virtual environment to install into (made if missing; default: a new one in a temporary folder).
+#   VENV: a virtual environment to install into (made if missing; default: a new one in a temporary folder,
+#   removed on exit with timm's tests).
 #   PYTEST ARGS are added to those of timm's tests, e.g. -x, or -k "not pretrained and torchscript" to run a part.
 # The venv gets this tree (editable, with the test extras), then the newest timm; nothing of timm's is copied
 # into the repo.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-venv=${1:-$(mktemp -d)/venv}
-shift || true
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+venv=${1:-$work/venv}
+shift || true
 start=$SECONDS
 
 [ -x "$venv/bin/python" ] || python -m venv "$venv"
