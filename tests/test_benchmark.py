@@ -48,9 +48,8 @@ def test_table_for_a_pair_in_worker_processes():
 
 
 def test_unknown_model_is_a_clear_error():
-    result = _run('--model', 'denseresnet_nope', '--baseline', 'resnet20')
-    assert result.returncode != 0
-    assert 'unknown model(s): denseresnet_nope' in result.stderr
+    with pytest.raises(SystemExit, match=r'^unknown model\(s\): denseresnet_nope$'):
+        benchmark.main(['--model', 'denseresnet_nope', '--baseline', 'resnet20'])
 
 
 def test_ratio_is_the_median_of_the_per_repeat_ratios():

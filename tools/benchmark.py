@@ -302,12 +302,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     if args.model:
         jobs = [((args.model, args.baseline), args.img_size or 224)]
     else:
         jobs = [((PAIRS[b][0], b), args.img_size or PAIRS[b][1]) for b in args.pairs]
     require_models([name for names, _ in jobs for name in names])
+    torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()
     start = time.time()
