@@ -111,8 +111,8 @@ PUBLISHED: Dict[str, Published] = {
     'denseresnet110_n4.fmnist': Published('fmnist', '04867ca154254823b7d177c0d7825bb452eccdd5c20a5b26c598562a072dd242'),
     'resnet20.fmnist': Published('fmnist', 'e98e005c1f5b147edc16d656a67733a87e13fb23910ef7ccd4114a9f93ae3ccc'),
     'denseresnet20_n4.fmnist': Published('fmnist', '4d3423bff8c6a31332b0a9efd36d769acbed8146a9b12235042848b936cc9cd3'),
-    'denseresnet56_n4.fmnist': Published('fmnist', 'c2c92f7b8f0e2085712df2492a5f4723055d8040590d01cdb9913b97fc89351c'),
     'resnet56.fmnist': Published('fmnist', 'c2f9b7b92b4a43da48617ce1c6ae9d5c883a4404462d13d085341200894d8cdc'),
+    'denseresnet56_n4.fmnist': Published('fmnist', 'c2c92f7b8f0e2085712df2492a5f4723055d8040590d01cdb9913b97fc89351c'),
 }
 """The published checkpoints: their tagged cfgs are made from this table, and each load checks the sha256."""
 
