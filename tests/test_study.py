@@ -157,7 +157,17 @@ def test_run_dry_run_prints_train_and_validate(capsys):
 def test_run_resume_passes_the_last_checkpoint(capsys):
     assert study.main(['run', 'resnet20', '--seed', '1', '--output', 'somewhere', '--resume', '--dry-run']) == 0
     train, _ = capsys.readouterr().out.splitlines()
-    assert train.endswith(f"--resume {Path('somewhere').resolve() / 'resnet20-s1' / 'last.pth.tar'}")
+    assert train.endswith(f"--resume {Path(study.repo_path('somewhere')) / 'resnet20-s1' / 'last.pth.tar'}")
+
+
+def test_run_names_folders_in_the_repo_relative_to_it(capsys, tmp_path):
+    """train.py writes --data-dir and --output into args.yaml, a record: inside the repository they stay relative
+    to it, so no record names a folder of the machine the run was made on."""
+    assert study.main(['run', 'resnet20', '--seed', '0', '--data-dir', str(ROOT / 'data' / 'fm'),
+                       '--output', str(tmp_path), '--dry-run']) == 0
+    train, validate = capsys.readouterr().out.splitlines()
+    assert '--data-dir data/fm ' in train and f'--output {tmp_path.resolve()} ' in train
+    assert validate.split()[2] == 'data/fm' and str(ROOT) not in train + validate
 
 
 SUMMARY_HEADER = 'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'  # as train.py writes it

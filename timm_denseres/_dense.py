@@ -11,7 +11,7 @@ facts ``in_chs``, ``out_chs``, ``pool``, ``changes_shape``, and a ``drop_path`` 
 """
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, ContextManager, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -177,6 +177,10 @@ def run_stages(
     return history
 
 
+def _is_gate_parameter(name: str) -> bool:
+    return '.gate.' in f'.{name}'
+
+
 class DenseModelMixin:
     """Model methods shared by the dense families; the model supplies ``dense_stages()``, ``num_features``,
     ``global_pool`` and its classifier under the name ``get_classifier(name_only=True)`` returns."""
@@ -196,6 +200,14 @@ class DenseModelMixin:
 
     def dense_blocks(self) -> List[nn.Module]:
         return [block for stage in self.dense_stages() for block in stage if getattr(block, 'gate', None) is not None]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Parameters timm's optimizer factory keeps out of weight decay: every gate's, with
+        ``gate_weight_decay=False``."""
+        if getattr(self, 'gate_weight_decay', True):
+            return set()
+        return {name for name, _ in self.named_parameters() if _is_gate_parameter(name)}
 
     @torch.jit.ignore
     def set_gates_identity(self, logit: float = 30.0) -> None:

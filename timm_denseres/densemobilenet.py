@@ -133,6 +133,8 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
         output_stride: 32, 16 or 8; later strides become dilations (timm's builder) and the shortcuts stop pooling.
         stages: (expansion t, width c, repeats n, first stride s) per stage; MobileNetV2's by default.
         stem_size, num_features: widths of the stem and of the head conv.
+        gate_logit_scale, gate_weight_decay: as in :class:`~timm_denseres.denseresnet.DenseResNet` (the gates
+            start at timm's EfficientNet init, fc2's divided by the scale).
     """
 
     def __init__(
@@ -148,6 +150,8 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
             stages: Tuple[Tuple[int, int, int, int], ...] = MOBILENETV2_STAGES,
             stem_size: int = 32,
             num_features: int = 1280,
+            gate_logit_scale: float = 1.0,
+            gate_weight_decay: bool = True,
             device=None,
             dtype=None,
     ):
@@ -170,6 +174,8 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
             dtype=dtype,
         )
         self.dense_n = dense_n
+        self.gate_logit_scale = gate_logit_scale
+        self.gate_weight_decay = gate_weight_decay
         # same names (blocks.S.B); the stages now pass the history list from block to block
         # a ModuleList, not timm's Sequential: the stages pass a history, which Sequential.forward cannot type
         self.blocks = nn.ModuleList([DenseStage(*[make_dense_block(b) for b in stage]) for stage in self.blocks])
@@ -179,7 +185,7 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
                 last_block = len(self.blocks[int(stage_name.group(1))]) - 1
                 info['module'] = f'{info["module"]}.{last_block}.gate.out_act'
         attach_gates([b for stage in self.blocks for b in stage], self.bn1.num_features, dense_n, partial(
-            _make_gate, reduction=gate_reduction, dd=dict(device=device, dtype=dtype)))
+            _make_gate, reduction=gate_reduction, logit_scale=gate_logit_scale, dd=dict(device=device, dtype=dtype)))
 
     def dense_stages(self) -> List[DenseStage]:
         return list(self.blocks)
@@ -257,9 +263,13 @@ class DenseMobileNetV2(DenseModelMixin, EfficientNet):
         return self.bn2(x)
 
 
-def _make_gate(block: DenseMobileBlock, valid: List[int], reduction: int, dd: Dict[str, Any]) -> DenseGate:
-    gate = DenseGate(block.out_chs, len(valid), reduction, valid, **dd)
+def _make_gate(block: DenseMobileBlock, valid: List[int], reduction: int, logit_scale: float,
+               dd: Dict[str, Any]) -> DenseGate:
+    gate = DenseGate(block.out_chs, len(valid), reduction, valid, logit_scale=logit_scale, **dd)
     efficientnet_init_weights(gate)  # the same init rule as the rest of the network
+    with torch.no_grad():  # the same first logits whatever the scale
+        gate.fc2.weight.div_(logit_scale)
+        gate.fc2.bias.div_(logit_scale)
     return gate
 
 

@@ -88,10 +88,15 @@ class DenseResNet(DenseModelMixin, nn.Module):
         stem_width: stem output channels.
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate, drop_block_rate, act_layer, norm_layer,
         zero_init_last: as in timm's ResNet.
-        gate_init_logit: every gate starts with fc2's weight zero and v's and the shortcut's logits at this value
-            (v ~ 0.95 and most mixing weight on the shortcut at 3.0, so a block starts near timm's residual
-            block, as zero_init_last makes its branch start at zero; MODEL_CARD.md has the study behind the
-            default); None leaves the gates at PyTorch's init (v ~ 0.5, w near uniform).
+        gate_init: 'shortcut' (every gate starts with fc2's weight zero and the logits of v and of the shortcut's
+            weight at ``gate_init_logit``: a block starts near timm's residual block, as zero_init_last makes its
+            branch start at zero) or 'pytorch' (PyTorch's init of the gate's layers, as the author's code: v ~ 0.5,
+            w near uniform).
+        gate_init_logit: the starting logit of 'shortcut' (3.0: v ~ 0.95, 0.87 of each softmax on the shortcut
+            with 4 inbounds); None means gate_init='pytorch'.
+        gate_logit_scale: the gates' learning speed: fc2's output times this is the logits (a logit moves
+            ``gate_logit_scale ** 2`` times as fast under SGD); the starting gates do not depend on it.
+        gate_weight_decay: False leaves every gate parameter out of weight decay (``no_weight_decay()``).
     """
 
     def __init__(
@@ -111,7 +116,10 @@ class DenseResNet(DenseModelMixin, nn.Module):
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             zero_init_last: bool = True,
+            gate_init: str = 'shortcut',
             gate_init_logit: Optional[float] = 3.0,
+            gate_logit_scale: float = 1.0,
+            gate_weight_decay: bool = True,
             device=None,
             dtype=None,
     ):
@@ -120,10 +128,13 @@ class DenseResNet(DenseModelMixin, nn.Module):
         assert stem in ('imagenet', 'cifar'), f'Unknown stem {stem!r}'
         assert len(layers) == len(channels) and 1 <= len(layers) <= 4, 'one to four stages'
         assert dense_n >= 0
+        assert gate_init in ('shortcut', 'pytorch'), f'Unknown gate_init {gate_init!r}'
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.dense_n = dense_n
+        self.gate_logit_scale = gate_logit_scale
+        self.gate_weight_decay = gate_weight_decay
         self.grad_checkpointing = False
         act_layer = get_act_layer(act_layer)
         norm_layer = get_norm_layer(norm_layer)
@@ -158,12 +169,15 @@ class DenseResNet(DenseModelMixin, nn.Module):
 
         if dense_n > 0:
             attach_gates(self._stage_blocks(), stem_width, dense_n, partial(
-                _make_gate, reduction=gate_reduction, act_layer=act_layer, dd=dd))
+                _make_gate, reduction=gate_reduction, act_layer=act_layer, logit_scale=gate_logit_scale, dd=dd))
 
         self.num_features = self.head_hidden_size = channels[-1]
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.init_weights(zero_init_last=zero_init_last)
-        if gate_init_logit is not None:
+        if gate_init == 'pytorch' or gate_init_logit is None:
+            for block in self.dense_blocks():
+                block.gate.reset_to_random()
+        else:
             self.set_gates_identity(gate_init_logit)
 
     def dense_stages(self) -> List[DenseStage]:
@@ -274,11 +288,12 @@ class DenseResNet(DenseModelMixin, nn.Module):
 
 
 def _make_gate(block: DenseBasicBlock, valid: List[int], reduction: int, act_layer: Type[nn.Module],
-               dd: Dict[str, Any]) -> DenseGate:
+               logit_scale: float, dd: Dict[str, Any]) -> DenseGate:
     """A block's gate; the block's final activation moves into it (the gate ends the block)."""
     out_act = block.act2
     del block.act2
-    return DenseGate(block.out_chs, len(valid), reduction, valid, act_layer=act_layer, out_act=out_act, **dd)
+    return DenseGate(block.out_chs, len(valid), reduction, valid, act_layer=act_layer, out_act=out_act,
+                     logit_scale=logit_scale, **dd)
 
 
 def _create_denseresnet(variant: str, pretrained: bool = False, **kwargs) -> DenseResNet:

@@ -10,7 +10,7 @@ reference, which also serves TorchScript, torch.fx, torch.compile, CUDA, float64
 on CPU float32, the compiled kernels of ``_kernels.py`` that compute the same in two calls.
 """
 import math
-from typing import List, Optional, Tuple, Type
+from typing import Callable, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -98,7 +98,8 @@ class GateWeights(nn.Module):
 
     A channel that zero-padding created in an inbound (other than the shortcut) gets weight 0, so each channel's
     weights sum to one over the inbounds that really have it. It holds no parameters; it is a module of its own
-    so that a forward hook can read ``(v, w)`` (``gate_stats.record_gates``).
+    so that a forward hook can read ``(v, w)`` on the modules' path (``gate_stats.record_gates`` reads them on
+    every path, through :attr:`DenseGate.observer`).
     """
 
     def __init__(self, channels: int, valid_channels: List[int]):
@@ -151,6 +152,9 @@ class DenseGate(nn.Module):
         valid_channels: for each inbound, how many leading channels are real (the rest is zero padding).
         act_layer: activation between the two 1x1 layers.
         out_act: the block's activation after the mix (None: none).
+        logit_scale: fc2's output is multiplied by this before the sigmoid and softmax. Under SGD a logit then
+            moves ``logit_scale ** 2`` times as fast (under Adam ``logit_scale`` times): the gates' learning speed,
+            with the same parameters (their values are the logits divided by it).
     """
 
     def __init__(
@@ -161,14 +165,17 @@ class DenseGate(nn.Module):
             valid_channels: List[int],
             act_layer: Type[nn.Module] = nn.ReLU,
             out_act: Optional[nn.Module] = None,
+            logit_scale: float = 1.0,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         assert len(valid_channels) == num_inbounds
+        assert logit_scale > 0, f'logit_scale must be positive, got {logit_scale}'
         self.channels = channels
         self.num_inbounds = num_inbounds
+        self.logit_scale = float(logit_scale)
         hidden = gate_hidden_channels(channels, reduction)
         width = (num_inbounds + 1) * channels
         self.fc1 = GateConv(width, hidden, 1, bias=False, **dd)
@@ -177,12 +184,17 @@ class DenseGate(nn.Module):
         self.fc2 = GateConv(hidden, width, 1, bias=True, **dd)
         self.weights = GateWeights(channels, valid_channels)
         self.out_act = nn.Identity() if out_act is None else out_act
+        # called as observer(gate, v, w) with every (v, w) computed in eager mode, on either path; not state
+        self.observer: Optional[Callable[['DenseGate', torch.Tensor, torch.Tensor], None]] = None
 
     def mixing_weights(self, y: torch.Tensor, means: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(v, w) through the gate's modules: v (B, C), w (B, n, C), from y and the inbounds' means (B, C) (an
         inbound narrower than y has its mean zero-padded)."""
         g = torch.cat([y.mean((2, 3))] + means, dim=1)
-        return self.weights(self.fc2(self.act(self.bn(self.fc1(g)))))
+        logits = self.fc2(self.act(self.bn(self.fc1(g))))
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        return self.weights(logits)
 
     def forward(
             self, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor], y_mixed: torch.Tensor,
@@ -194,19 +206,30 @@ class DenseGate(nn.Module):
         if not torch.jit.is_scripting():
             if self._kernels_apply(y, inbounds, means):
                 v, w = self._kernel_weights(y, means)
+                self._observe(v, w)
                 relu = type(self.out_act) is nn.ReLU
                 return _kernels.gate_mix(y_mixed, v, w, inbounds, relu, reuse_y=not torch.is_grad_enabled())
         v, w = self.mixing_weights(y, means)
+        if not torch.jit.is_scripting():
+            self._observe(v, w)
         out = self.out_act(mix(y_mixed, v, w, inbounds))
         return out, out.mean((2, 3))
+
+    @torch.jit.unused
+    def _observe(self, v: torch.Tensor, w: torch.Tensor) -> None:
+        if self.observer is not None and not is_compiling() and not isinstance(v, torch.fx.Proxy):
+            self.observer(self, v, w)
 
     @torch.jit.unused
     def _kernel_weights(self, y: torch.Tensor, means: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`mixing_weights` by the compiled head (where :meth:`_kernels_apply` holds)."""
         bn = self.bn
         use_batch_stats = bn.use_batch_stats(y.shape[0])
+        fc2_weight, fc2_bias = self.fc2.weight, self.fc2.bias
+        if self.logit_scale != 1.0:  # the kernel's logits are then fc2's times the scale; autograd scales back
+            fc2_weight, fc2_bias = fc2_weight * self.logit_scale, fc2_bias * self.logit_scale
         return _kernels.gate_head(
-            y, means, (self.fc1.weight, bn.weight, bn.bias, self.fc2.weight, self.fc2.bias),
+            y, means, (self.fc1.weight, bn.weight, bn.bias, fc2_weight, fc2_bias),
             (bn.running_mean, bn.running_var, bn.running_momentum(use_batch_stats), bn.eps), use_batch_stats,
             self.weights.valid_channels)
 
@@ -238,5 +261,14 @@ class DenseGate(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         bias = self.fc2.bias.view(self.num_inbounds + 1, self.channels)
         bias.zero_()
-        bias[0] = logit  # v
-        bias[1] = logit  # w of the shortcut
+        bias[0] = logit / self.logit_scale  # v
+        bias[1] = logit / self.logit_scale  # w of the shortcut
+
+    @torch.no_grad()
+    def reset_to_random(self) -> None:
+        """PyTorch's own init of the gate's layers (v ~ 0.5, w near uniform and input-dependent), fc2's divided by
+        the logit scale so that the first logits do not depend on it."""
+        for layer in (self.fc1, self.bn, self.fc2):
+            layer.reset_parameters()
+        self.fc2.weight.div_(self.logit_scale)
+        self.fc2.bias.div_(self.logit_scale)

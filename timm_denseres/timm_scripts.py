@@ -18,6 +18,9 @@ wrong here (:func:`default_args`):
   input channels: the scripts build a 3-channel model but take the input size, and so the image mode, from that cfg;
 - validate.py with `--checkpoint` of a train.py run: the model, class count and data config (input size, mean/std,
   crop_pct, interpolation) of that run, read from the checkpoint.
+
+train.py of a dense model also writes the gates' telemetry, `gates.csv` beside its `summary.csv`, one set of rows
+per evaluated epoch (:class:`timm_denseres.gate_stats.GateTelemetry`).
 """
 import os
 import re
@@ -27,14 +30,16 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import timm
 import torch
 import yaml
 
+from .gate_stats import GateTelemetry, dense_gates
 from .train_run import RunError, read_train_run, run_data_config, start_cfg
 
 # Importing anything from this module has already run timm_denseres/__init__.py, which registers the models
@@ -263,6 +268,38 @@ def run_script(script: Path, args: Sequence[str]) -> None:
         sys.argv = saved_argv
 
 
+@contextmanager
+def gate_telemetry() -> Iterator[None]:
+    """While train.py runs: the first dense model it creates is followed by a :class:`GateTelemetry`, written
+    into the run's folder whenever train.py adds an epoch to its summary.csv (rank 0). train.py calls both
+    functions by the names it imports from timm, which are swapped here for the run and restored after."""
+    import timm.models
+    import timm.utils
+
+    create_model, update_summary = timm.models.create_model, timm.utils.update_summary
+    followed: List[GateTelemetry] = []
+
+    def create_and_follow(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        if not followed and dense_gates(model):
+            followed.append(GateTelemetry(model))
+        return model
+
+    def update_and_write(epoch, *args, **kwargs):
+        update_summary(epoch, *args, **kwargs)
+        filename = kwargs['filename'] if 'filename' in kwargs else args[2]
+        if followed:
+            followed[0].write(epoch, Path(filename).parent)
+
+    timm.models.create_model, timm.utils.update_summary = create_and_follow, update_and_write
+    try:
+        yield
+    finally:
+        timm.models.create_model, timm.utils.update_summary = create_model, update_summary
+        for telemetry in followed:
+            telemetry.detach()
+
+
 def main(name: str, args: Optional[Sequence[str]] = None) -> None:
     args = sys.argv[1:] if args is None else args
     try:
@@ -272,7 +309,10 @@ def main(name: str, args: Optional[Sequence[str]] = None) -> None:
         sys.exit(f'error: {e}')
     if name == 'train':
         allow_cpu_ddp()
-    run_script(script, [*rest, *default_args(name, rest)])
+        with gate_telemetry():
+            run_script(script, [*rest, *default_args(name, rest)])
+    else:
+        run_script(script, [*rest, *default_args(name, rest)])
 
 
 def train_main() -> None:

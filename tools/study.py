@@ -3,6 +3,7 @@
     python tools/study.py run denseresnet20_n4 --seed 0                  # train + validate + copy the records
     python tools/study.py run denseresnet20_n4 --seed 0 --variant-name init3 --model-kwargs gate_init_logit=3.0
     python tools/study.py run denseresnet20_n4 --seed 0 --resume         # go on from a stopped run's last.pth.tar
+    python tools/study.py plan recipes/fmnist_gate_ablation.yaml --seeds 0 1 2 --jobs 2   # many runs, N at once
     python tools/study.py collect runs/study/*                           # copy the records of finished runs
     python tools/study.py report                                         # table in MODEL_CARD.md + figures
     python tools/study.py report --check                                 # exit 1 if MODEL_CARD.md is stale
@@ -11,7 +12,9 @@
 
 A run `{model}{-variant}-s{seed}` trains with timm's train.py and recipes/fmnist_study.yaml, is scored by timm's
 validate.py on its final-epoch weights (last.pth.tar), and leaves four records in results/fmnist_study/<run>/:
-args.yaml, summary.csv (per epoch), validate.json (the final top-1) and timing.json. The report reads only those.
+args.yaml, summary.csv (per epoch), validate.json (the final top-1) and timing.json, and for a dense model the
+gates' telemetry gates.csv (per epoch). The report reads only those. Paths in the records are relative to the
+repository (the runs are started from its root).
 A development tool for this repository's own study, so it lives here and not in the package.
 """
 import argparse
@@ -27,13 +30,14 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = 'recipes/fmnist_study.yaml'
 RECORDS = ('args.yaml', 'summary.csv', 'validate.json', 'timing.json')
+TELEMETRY = 'gates.csv'  # written by a dense model's run (timm_denseres.gate_stats.GateTelemetry)
 RESULTS = ROOT / 'results' / 'fmnist_study'
 START, END = '<!-- study-table:start -->', '<!-- study-table:end -->'
 CURVES_PNG = 'study_curves_fmnist.png'
@@ -56,6 +60,8 @@ def run_commands(args: argparse.Namespace) -> List[List[str]]:
     train = [sys.executable, 'scripts/train.py', '--config', RECIPE, '--data-dir', args.data_dir,
              '--model', args.model, '--seed', str(args.seed), '--epochs', str(args.epochs),
              '--output', args.output, '--experiment', args.name, *kwargs]
+    if args.device != r['device']:
+        train += ['--device', args.device]
     if args.resume:
         train += ['--resume', str(run_dir / 'last.pth.tar')]
     validate = [sys.executable, 'scripts/validate.py', args.data_dir, '--split', r['val_split'],
@@ -63,10 +69,20 @@ def run_commands(args: argparse.Namespace) -> List[List[str]]:
                 '--num-classes', str(r['num_classes']), '--in-chans', str(r['in_chans']),
                 '--input-size', *map(str, r['input_size']), '--mean', *map(str, r['mean']),
                 '--std', *map(str, r['std']), '--crop-pct', str(r['crop_pct']),
-                '--interpolation', r['interpolation'], '--input-img-mode', r['input_img_mode'], '--device', 'cpu',
+                '--interpolation', r['interpolation'], '--input-img-mode', r['input_img_mode'], '--device', args.device,
                 '--batch-size', '256', '--workers', '1',
                 '--results-file', str(run_dir / 'validate.json'), '--results-format', 'json']
     return [train, validate]
+
+
+def repo_path(path: str) -> str:
+    """``path`` relative to the repository root where it lies inside it (the runs start there), else absolute:
+    the records then name no folder of the machine they were made on."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(ROOT))
+    except ValueError:
+        return str(resolved)
 
 
 def call(command: List[str], env: Dict[str, str], run: str) -> None:
@@ -77,7 +93,7 @@ def call(command: List[str], env: Dict[str, str], run: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     args.name = f'{args.model}{"-" + args.variant_name if args.variant_name else ""}-s{args.seed}'
     args.epochs = args.epochs or recipe()['epochs']
-    args.output, args.data_dir = str(Path(args.output).resolve()), str(Path(args.data_dir).resolve())
+    args.output, args.data_dir = repo_path(args.output), repo_path(args.data_dir)
     bad = [kv for kv in args.model_kwargs if '=' not in kv]
     if bad:
         sys.exit(f'error: --model-kwargs takes KEY=VALUE, got {bad}')
@@ -86,10 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for command in (train, validate):
             print(' '.join(command))
         return 0
-    if not (Path(args.data_dir) / 'train').is_dir():
+    if not (ROOT / args.data_dir / 'train').is_dir():
         sys.exit(f'error: no {args.data_dir}/train; make it with scripts/prepare_fashion_mnist.py '
                  '--train-per-class 2000 --out data/fashion-mnist-20k, or pass --data-dir')
-    run_dir = Path(args.output) / args.name
+    run_dir = ROOT / args.output / args.name
     earlier = {'train_seconds': 0, 'resumed_at_epoch': []}
     if args.resume:
         earlier = prepare_resume(run_dir)
@@ -102,10 +118,73 @@ def cmd_run(args: argparse.Namespace) -> int:
     tidy_summary(run_dir / 'summary.csv')
     call(validate, env, args.name)
     timing = {'train_seconds': train_seconds, 'epochs': args.epochs, 'threads': args.threads}
+    if args.device != 'cpu':
+        timing['device'] = args.device
     if earlier['resumed_at_epoch']:
         timing['resumed_at_epoch'] = earlier['resumed_at_epoch']
     (run_dir / 'timing.json').write_text(json.dumps(timing) + '\n')
     return cmd_collect(argparse.Namespace(run_dirs=[str(run_dir)], results=args.results))
+
+
+def plan_runs(plan: dict, seeds: List[int], arms: Optional[List[str]] = None) -> List[Tuple[str, str, List[str], int]]:
+    """(model, variant, model kwargs, seed) of every run in a plan (of ``arms`` only, in their order, if given),
+    seed by seed."""
+    unknown = sorted(set(arms or []) - set(plan['arms']))
+    if unknown:
+        sys.exit(f'error: no arm {", ".join(unknown)} in the plan')
+    runs = []
+    for seed in seeds:
+        for arm in arms or plan['arms']:
+            spec = plan['arms'][arm]
+            model = spec['model']
+            if arm != model and not arm.startswith(model + '-'):
+                sys.exit(f'error: arm {arm!r} must be named {model} or {model}-VARIANT')
+            runs.append((model, arm[len(model) + 1:], list(spec.get('model_kwargs', [])), seed))
+    return runs
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Every run of a plan that has no records yet, ``--jobs`` at a time (each `run` with ``--threads``); a run
+    stopped earlier goes on from its last checkpoint. Its output goes to ``<output>/logs/<run>.log``."""
+    plan = yaml.safe_load(Path(args.plan).read_text())
+    results = Path(args.results or ROOT / plan['results'])
+    logs = ROOT / args.output / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for model, variant, kwargs, seed in plan_runs(plan, args.seeds, args.arms):
+        name = f'{model}{"-" + variant if variant else ""}-s{seed}'
+        if all((results / name / record).is_file() for record in RECORDS):
+            continue
+        command = [sys.executable, 'tools/study.py', 'run', model, '--seed', str(seed), '--results', str(results),
+                   '--output', args.output, '--data-dir', args.data_dir, '--threads', str(args.threads),
+                   '--device', args.device, '--epochs', str(args.epochs or plan.get('epochs') or recipe()['epochs'])]
+        command += (['--variant-name', variant] if variant else []) + (['--model-kwargs', *kwargs] if kwargs else [])
+        if (ROOT / args.output / name / 'last.pth.tar').is_file():
+            command.append('--resume')
+        pending.append((name, command))
+    print(f'{len(pending)} runs to go, {args.jobs} at a time', flush=True)
+    start, active, failed = time.time(), [], []
+    while pending or active:
+        late = args.start_within is not None and time.time() - start > args.start_within
+        while pending and len(active) < args.jobs and not late:
+            name, command = pending.pop(0)
+            log = open(logs / f'{name}.log', 'w')
+            active.append((name, subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+            print(f'started {name} at {time.time() - start:.0f} s', flush=True)
+        for entry in list(active):
+            name, process, log = entry
+            if process.poll() is not None:
+                log.close()
+                active.remove(entry)
+                if process.returncode:
+                    failed.append(name)
+                print(f'{"FAILED" if process.returncode else "finished"} {name} at {time.time() - start:.0f} s '
+                      f'(log: {logs / (name + ".log")})', flush=True)
+        if late and not active:
+            break
+        time.sleep(1)
+    print(f'{len(pending)} runs not started (--start-within), {len(failed)} failed: {" ".join(failed)}')
+    return 1 if failed else 0
 
 
 def tidy_summary(path: Path, epochs: Optional[int] = None) -> None:
@@ -128,6 +207,8 @@ def prepare_resume(run_dir: Path) -> dict:
     with torch.serialization.safe_globals([argparse.Namespace]):  # train.py stores its args, as timm loads them
         done = torch.load(last, map_location='cpu', weights_only=True)['epoch'] + 1  # saved after each epoch
     tidy_summary(run_dir / 'summary.csv', epochs=done)
+    if (run_dir / TELEMETRY).is_file():
+        tidy_summary(run_dir / TELEMETRY, epochs=done)
     # 0 when the last part finished no epoch (its args.yaml is newer than the checkpoint)
     part = {'train_seconds': max(0, round(last.stat().st_mtime - (run_dir / 'args.yaml').stat().st_mtime)),
             'resumed_at_epoch': [done]}
@@ -150,7 +231,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             continue
         dest = Path(args.results) / run_dir.name
         dest.mkdir(parents=True, exist_ok=True)
-        for name in RECORDS:
+        for name in RECORDS + ((TELEMETRY,) if (run_dir / TELEMETRY).is_file() else ()):
             shutil.copyfile(run_dir / name, dest / name)
         print(f'copied {run_dir} -> {dest}')
     return 0
@@ -406,10 +487,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument('--data-dir', default='data/fashion-mnist-20k')
     run.add_argument('--output', default='runs/study', help="train.py's --output")
     run.add_argument('--threads', type=int, default=1)
+    run.add_argument('--device', default='cpu', help="train.py's and validate.py's --device")
     run.add_argument('--resume', action='store_true',
                      help="go on from the run's last.pth.tar (a run that a session's end stopped)")
     run.add_argument('--dry-run', action='store_true', help='print the commands only')
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser('plan', help="every run of a plan (a YAML of arms) that has no records yet")
+    plan.add_argument('plan', help='YAML: results (folder), epochs (optional), arms: {name: {model, model_kwargs}}')
+    plan.add_argument('--results', help="default: the plan's")
+    plan.add_argument('--seeds', type=int, nargs='+', default=[0])
+    plan.add_argument('--arms', nargs='+', help="only these arms, in this order (default: the plan's)")
+    plan.add_argument('--jobs', type=int, default=2, help='runs at a time')
+    plan.add_argument('--threads', type=int, default=1, help='torch threads per run')
+    plan.add_argument('--epochs', type=int, help="default: the plan's, else the recipe's")
+    plan.add_argument('--data-dir', default='data/fashion-mnist-20k')
+    plan.add_argument('--output', default='runs/study', help="train.py's --output")
+    plan.add_argument('--device', default='cpu')
+    plan.add_argument('--start-within', type=float, metavar='SECONDS', help='start no run after this many seconds')
+    plan.set_defaults(func=cmd_plan)
 
     collect = sub.add_parser('collect', parents=[common], help='copy the records of finished runs to --results')
     collect.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
