@@ -78,7 +78,7 @@ def run_commands(args: argparse.Namespace) -> List[List[str]]:
 def repo_path(path: str) -> str:
     """``path`` relative to the repository root where it lies inside it (the runs start there), else absolute:
     the records then name no folder of the machine they were made on."""
-    resolved = Path(path).resolve()
+    resolved = Path(os.path.abspath(path))  # not resolve(): a link inside the repository stays inside it
     try:
         return str(resolved.relative_to(ROOT))
     except ValueError:
