@@ -18,7 +18,7 @@ from torch.utils.cpp_extension import is_ninja_available
 
 import timm_denseres  # noqa: F401  registers the models
 from helpers import make_gate
-from timm_denseres import _kernels
+from timm_denseres import _backends, _kernels
 from timm_denseres.gate import DenseGate, mix
 
 MIX_OP = 'timm_denseres::gate_mix'
@@ -150,7 +150,7 @@ def test_gate_head_matches_the_modules(training, batch, grad, valid, wanted):
         return sum((out * g).sum() for out, g in [(v, grad_v), (w, grad_w)] if g is not None)
 
     with torch.set_grad_enabled(grad), _compiled_ops_run() as ran:
-        v, w = gate._kernel_weights(y, means)
+        v, w = _kernels.gate_weights(gate, y, means)
         if grad:
             loss(v, w).backward()
     want_ops = {'timm_denseres::gate_head_train', 'timm_denseres::gate_head_train_backward'} if grad else (
@@ -185,7 +185,8 @@ def test_gate_head_sigmoid_and_softmax_over_the_float_range():
     with torch.no_grad():
         gate.fc2.weight.zero_()
         gate.fc2.bias.copy_(logits)
-        v, w = gate._kernel_weights(torch.randn(2, channels, 3, 3), [torch.randn(2, channels) for _ in range(inbounds)])
+        v, w = _kernels.gate_weights(gate, torch.randn(2, channels, 3, 3),
+                                     [torch.randn(2, channels) for _ in range(inbounds)])
     tiny = torch.finfo(torch.float32).tiny
     torch.testing.assert_close(v, torch.sigmoid(logits[:channels]).expand(2, -1), rtol=1e-6, atol=tiny)
     want_w = torch.softmax(logits[channels:].view(inbounds, channels), 0)
@@ -208,7 +209,7 @@ def test_nan_propagates_as_with_pytorch_ops():
     means[1][1, 5] = float('nan')
     for training in (False, True):
         with torch.no_grad():
-            v, w = gate.train(training)._kernel_weights(y, means)
+            v, w = _kernels.gate_weights(gate.train(training), y, means)
         assert v[1].isnan().all() and w[1].isnan().all()  # sample 1's gate input has a NaN
         if not training:  # batch statistics mix the samples, so there the NaN reaches every sample, as in torch
             assert not v[[0, 2]].isnan().any() and not w[[0, 2]].isnan().any()
@@ -222,8 +223,9 @@ def test_what_the_kernels_do_not_cover():
     assert not _kernels.covers(y, [torch.randn(2, 6, 5, 5)], [m])  # wider than y
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not _kernels.covers(y, [a], [m])
-    with _kernels.kernel_disabled():
-        assert not _kernels.covers(y, [a], [m])
+    model = timm.create_model('test_denseresnet')
+    with _backends.kernels_disabled():  # the gates' choice, whatever the tensors
+        assert all(block.gate._backend(y, [a], [m]) is None for block in model.dense_blocks())
 
 
 @needs_kernel
@@ -238,7 +240,7 @@ def test_models_with_and_without_the_kernels_agree(name, size, train):
     for disabled in (False, True):
         model.zero_grad()
         state = {k: t.clone() for k, t in model.state_dict().items()}  # BatchNorm statistics move in training
-        with _kernels.kernel_disabled() if disabled else torch.enable_grad():
+        with _backends.kernels_disabled() if disabled else torch.enable_grad():
             with _compiled_ops_run() as ran:
                 out = model(x)
                 out.square().mean().backward()
@@ -286,7 +288,7 @@ _RUN_MODEL = '''
     import warnings
     import timm, torch
     import timm_denseres
-    from timm_denseres import _kernels
+    from timm_denseres import _backends, _kernels
     torch.manual_seed(0)
     model = timm.create_model('test_denseresnet').eval()
     x = torch.randn(2, 3, 16, 16)
@@ -295,7 +297,7 @@ _RUN_MODEL = '''
         with torch.no_grad():
             out = model(x)
             model(x)
-    with _kernels.kernel_disabled(), torch.no_grad():
+    with _backends.kernels_disabled(), torch.no_grad():
         ref = model(x)
     messages = [str(w.message) for w in caught if 'timm_denseres' in str(w.message)]
     print(len(messages), _kernels.kernel_available(), torch.allclose(out, ref, atol=1e-5))

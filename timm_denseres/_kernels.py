@@ -5,8 +5,9 @@
 - ``gate_mix.cpp``: the end of a dense block, ``act(v * y + sum_k w_k * a_k)`` and its mean over H, W, in one
   pass over the maps, and its backward in one pass.
 
-Which inputs they take is decided in one place, :meth:`timm_denseres.gate.DenseGate.forward`, with
-:func:`covers` for the tensors; everything else runs the gate's modules (the reference). The kernels are built on
+A backend of the gate (``_backends.py``): which inputs they take is decided in one place,
+:meth:`timm_denseres.gate.DenseGate._backend`, with :func:`takes_gate` and :func:`covers`; everything else runs the
+gate's modules (the reference). The kernels are built on
 first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into torch's extension cache; a build
 of the same sources that is already there is loaded as it is, also from a read-only cache.
 """
@@ -24,14 +25,14 @@ from torch.autograd.function import once_differentiable
 
 from ._runtime import autocast_enabled
 
-__all__ = ['covers', 'gate_head', 'gate_mix', 'kernel_available', 'kernel_disabled']
+__all__ = ['covers', 'takes_gate', 'run_gate', 'gate_head', 'gate_weights', 'gate_mix', 'kernel_available']
 
 _SOURCES = [Path(__file__).with_name('csrc') / name for name in ('gate_mix.cpp', 'gate_head.cpp')]
 _MAX_INBOUNDS = 64  # kMaxInbounds in gate_mix.cpp
 # -fno-trapping-math: no floating-point exceptions to keep, so the compiler may turn the selects (ReLU, the
 # exp's range clamp) into vector blends and vectorise those loops; the numbers are the same
 _CFLAGS = ['-O3', '-fopenmp', '-fno-trapping-math']
-_state = {'loaded': None, 'disabled': False}  # loaded: None until tried, then whether the ops are registered
+_state = {'loaded': None}  # None until tried, then whether the ops are registered
 
 
 def _enabled_by_env() -> bool:
@@ -44,17 +45,6 @@ def kernel_available() -> bool:
     if _state['loaded'] is None:
         _state['loaded'] = _load()
     return bool(_state['loaded'])
-
-
-@contextmanager
-def kernel_disabled() -> Iterator[None]:
-    """Within it, the gates run their modules instead of the kernels (to compare the two)."""
-    saved = _state['disabled']
-    _state['disabled'] = True
-    try:
-        yield
-    finally:
-        _state['disabled'] = saved
 
 
 @contextmanager
@@ -123,10 +113,17 @@ def _load() -> bool:
     return True
 
 
+def takes_gate(gate) -> bool:
+    """Whether the kernels take this gate's parameters: float32, contiguous, fc1 without a bias."""
+    fc1, bn, fc2 = gate.fc1, gate.bn, gate.fc2
+    params = (fc1.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, fc2.weight, fc2.bias)
+    return fc1.bias is None and all(p is not None and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+
+
 def covers(y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor]) -> bool:
     """Whether the kernels take these tensors: CPU float32 contiguous NCHW, inbounds as wide as y or narrower, no
-    autocast, not disabled; loads the kernels on the first call that needs them."""
-    if (_state['disabled'] or not y.is_cpu or y.dtype != torch.float32 or y.dim() != 4 or not y.is_contiguous()
+    autocast; loads the kernels on the first call that needs them."""
+    if (not y.is_cpu or y.dtype != torch.float32 or y.dim() != 4 or not y.is_contiguous()
             or len(inbounds) > _MAX_INBOUNDS or autocast_enabled('cpu')):
         return False
     batch, channels, height, width = y.shape
@@ -218,3 +215,26 @@ def gate_head(y: torch.Tensor, means: List[torch.Tensor], params: Tuple[torch.Te
         return v, w
     return torch.ops.timm_denseres.gate_head_eval(
         y, means, fc1, bn_weight, bn_bias, running_mean, running_var, eps, fc2, fc2_bias, valid_channels)
+
+
+def gate_weights(gate, y: torch.Tensor, means: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gate's (v, w) by the compiled head, its BatchNorm's running statistics updated as the module would."""
+    bn = gate.bn
+    use_batch_stats = bn.use_batch_stats(y.shape[0])
+    fc2_weight, fc2_bias = gate.fc2.weight, gate.fc2.bias
+    if gate.logit_scale != 1.0:  # the kernel's logits are then fc2's times the scale; autograd scales back
+        fc2_weight, fc2_bias = fc2_weight * gate.logit_scale, fc2_bias * gate.logit_scale
+    return gate_head(
+        y, means, (gate.fc1.weight, bn.weight, bn.bias, fc2_weight, fc2_bias),
+        (bn.running_mean, bn.running_var, bn.running_momentum(use_batch_stats), bn.eps), use_batch_stats,
+        gate.weights.valid_channels)
+
+
+def run_gate(gate, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor],
+             y_mixed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block output, its mean, v and w: the compiled head, then the compiled mix (into y_mixed, when nothing
+    reads it afterwards)."""
+    v, w = gate_weights(gate, y, means)
+    relu = type(gate.out_act) is torch.nn.ReLU
+    out, out_mean = gate_mix(y_mixed, v, w, inbounds, relu, reuse_y=not torch.is_grad_enabled())
+    return out, out_mean, v, w

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._kernels import kernel_disabled
+from ._backends import kernels_disabled
 
 __all__ = ['count_macs']
 
@@ -62,7 +62,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int], batch_size: int = 1)
     try:
         # with autograd on, the forward takes the training-time ops (e.g. the history's 2x2 pool as a depthwise
         # convolution, not the strided adds of inference), so the count does not depend on the grad mode
-        with torch.enable_grad(), kernel_disabled(), counter:  # the formula's operations, not the kernels'
+        with torch.enable_grad(), kernels_disabled(), counter:  # the formula's operations, not the kernels'
             model(x)
     finally:
         model.train(was_training)

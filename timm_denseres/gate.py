@@ -5,9 +5,10 @@ block outputs brought to y's shape) and their means over H, W; the gate returns 
 ``act(v * y + sum_k w_k * a_k)`` and its mean. ``v`` (sigmoid) and ``w`` (a softmax over the inbounds, per channel)
 come from the SE-like head fc1 -> BatchNorm -> ReLU -> fc2 on the pooled vectors (docs/architecture.md).
 
-Two paths, chosen in one place (:meth:`DenseGate.forward`): the gate's modules and the plain formula (the
-reference, which also serves TorchScript, torch.fx, torch.compile, CUDA, float64, autocast and forward hooks), or,
-on CPU float32, the compiled kernels of ``_kernels.py`` that compute the same in two calls.
+Two paths, chosen in one place (:meth:`DenseGate._backend`): the gate's modules and the plain formula (the
+reference, which also serves TorchScript, torch.fx, torch.compile, float64 on CPU, autocast on CPU and forward
+hooks), or kernels that compute the same in a few calls: on CPU float32 the compiled C++ of ``_kernels.py``, on
+CUDA the Triton kernels of ``_triton_kernels.py`` (``_backends.py`` says which a device has).
 """
 import math
 from typing import Callable, List, Optional, Tuple, Type
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from . import _kernels
+from . import _backends
 from ._runtime import hook_free, is_compiling
 
 __all__ = ['DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'add_scaled', 'gate_hidden_channels', 'mix']
@@ -204,11 +205,11 @@ class DenseGate(nn.Module):
         (v, w) are computed from ``y``; ``y_mixed`` is the y that is mixed (after drop-path, else y itself, which
         it may then overwrite when autograd does not record)."""
         if not torch.jit.is_scripting():
-            if self._kernels_apply(y, inbounds, means):
-                v, w = self._kernel_weights(y, means)
+            backend = self._backend(y, inbounds, means)
+            if backend is not None:
+                out, out_mean, v, w = backend.run_gate(self, y, inbounds, means, y_mixed)
                 self._observe(v, w)
-                relu = type(self.out_act) is nn.ReLU
-                return _kernels.gate_mix(y_mixed, v, w, inbounds, relu, reuse_y=not torch.is_grad_enabled())
+                return out, out_mean
         v, w = self.mixing_weights(y, means)
         if not torch.jit.is_scripting():
             self._observe(v, w)
@@ -221,37 +222,22 @@ class DenseGate(nn.Module):
             self.observer(self, v, w)
 
     @torch.jit.unused
-    def _kernel_weights(self, y: torch.Tensor, means: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`mixing_weights` by the compiled head (where :meth:`_kernels_apply` holds)."""
-        bn = self.bn
-        use_batch_stats = bn.use_batch_stats(y.shape[0])
-        fc2_weight, fc2_bias = self.fc2.weight, self.fc2.bias
-        if self.logit_scale != 1.0:  # the kernel's logits are then fc2's times the scale; autograd scales back
-            fc2_weight, fc2_bias = fc2_weight * self.logit_scale, fc2_bias * self.logit_scale
-        return _kernels.gate_head(
-            y, means, (self.fc1.weight, bn.weight, bn.bias, fc2_weight, fc2_bias),
-            (bn.running_mean, bn.running_var, bn.running_momentum(use_batch_stats), bn.eps), use_batch_stats,
-            self.weights.valid_channels)
-
-    @torch.jit.unused
-    def _kernels_apply(self, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor]) -> bool:
-        """Whether the compiled kernels stand in for this call: they compute exactly this gate's modules (these
-        types, unhooked) on CPU float32 tensors (:func:`_kernels.covers`), eagerly."""
-        if isinstance(y, torch.fx.Proxy) or is_compiling():
-            return False
+    def _backend(self, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor]):
+        """The kernels that stand in for this call (``_kernels`` on CPU, ``_triton_kernels`` on CUDA), or None for
+        the modules and the formula. Kernels compute exactly this gate's modules (these types, unhooked), in eager
+        mode, on the tensors their ``covers`` takes; the formula stays the reference and the fallback."""
+        if isinstance(y, torch.fx.Proxy) or is_compiling() or _backends.disabled():
+            return None
         modules = self._modules
         if not (type(modules['fc1']) is GateConv and type(modules['bn']) is GateBatchNorm
                 and type(modules['act']) is nn.ReLU and type(modules['fc2']) is GateConv
                 and type(modules['weights']) is GateWeights and type(modules['out_act']) in (nn.ReLU, nn.Identity)
                 and all(hook_free(m) for m in modules.values())):
-            return False
-        bn = modules['bn']
-        params = (modules['fc1'].weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, modules['fc2'].weight,
-                  modules['fc2'].bias)
-        if modules['fc1'].bias is not None or any(
-                p is None or p.dtype != torch.float32 or not p.is_contiguous() for p in params):
-            return False
-        return _kernels.covers(y, inbounds, means)
+            return None
+        for backend in _backends.for_device(y.device):
+            if backend.takes_gate(self) and backend.covers(y, inbounds, means):
+                return backend
+        return None
 
     @torch.no_grad()
     def set_identity(self, logit: float = 30.0) -> None:
