@@ -34,7 +34,7 @@ def reference_weights(gate, y: torch.Tensor, inbounds: List[torch.Tensor]):
         gate.bn.num_batches_tracked += 1
     h = F.batch_norm(h, gate.bn.running_mean, gate.bn.running_var, gate.bn.weight, gate.bn.bias,
                      batch_stats, gate.bn.momentum, gate.bn.eps)
-    logits = F.conv2d(F.relu(h), gate.fc2.weight, gate.fc2.bias).reshape(-1, n + 1, channels)
+    logits = F.conv2d(F.relu(h), gate.fc2.weight, gate.fc2.bias).reshape(-1, n + 1, channels) * gate.logit_scale
     v = torch.sigmoid(logits[:, 0])
     padded = torch.zeros(n, channels, dtype=torch.bool, device=y.device)
     for k, valid in enumerate(gate.weights.valid_channels):

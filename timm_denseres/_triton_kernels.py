@@ -6,7 +6,7 @@
   from fc2's output, forward and backward in one launch each. The rest of the head (the mean of y, fc1, the
   BatchNorm, fc2) is a handful of small PyTorch operations.
 
-Any float dtype (computed in float32), NCHW or channels_last, inbounds as wide as y or narrower (the zero padding
+float32, bfloat16 or float16 maps (computed in float32), NCHW or channels_last, inbounds as wide as y or narrower (the zero padding
 is implied), up to ``MAX_INBOUNDS`` inbounds. Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels
 run on CPU tensors, which is how they are tested without a GPU. Imported only where a gate takes this path
 (``timm_denseres.gate``): a CPU-only PyTorch has no Triton.
@@ -21,8 +21,32 @@ from torch.autograd.function import once_differentiable
 __all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'launches', 'launching']
 
 MAX_INBOUNDS = 8  # the kernels' inbound slots
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 launches = [0]  # kernel launches so far in this process (the operation counts of tools/benchmark.py read it)
 launching = [False]  # True during a launch
+
+
+# Reductions through tl.reduce with combine functions of this module: triton.language's own tl.sum and tl.max are
+# jit functions made when triton is imported, which the interpreter cannot call if that was before
+# TRITON_INTERPRET=1 was set (as in a test session)
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _larger(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum(x, axis):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _max(x, axis):
+    return tl.reduce(x, axis, _larger)
 
 
 @triton.jit
@@ -54,7 +78,7 @@ def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
                     C, HW, inv_hw, N_IN: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BLOCK_C)
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
@@ -81,7 +105,7 @@ def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
         w6 = _row(W, b, 6, N_IN, C, c, mask_c)[:, None]
     if N_IN > 7:
         w7 = _row(W, b, 7, N_IN, C, c, mask_c)[:, None]
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    total = tl.full([BLOCK_C], 0.0, tl.float32)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask_hw = hw < HW
@@ -105,7 +129,7 @@ def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
             out = tl.maximum(out, 0.0)
         out = out.to(OUT.dtype.element_ty)
         tl.store(OUT + offs, out, mask=mask)
-        total += tl.sum(tl.where(mask, out.to(tl.float32), 0.0), axis=1)
+        total += _sum(tl.where(mask, out.to(tl.float32), 0.0), axis=1)
     tl.store(OUT_MEAN + b * C + c, (total * inv_hw).to(OUT_MEAN.dtype.element_ty), mask=mask_c)
 
 
@@ -118,9 +142,9 @@ def _inbound_grad(g, A, GA, channels, w, grad_mean, b, c, hw, mask_hw, HW, REDUC
     mask = (c[:, None] < channels) & mask_hw[None, :]
     if WRITE:
         tl.store(GA + offs, (g * w + grad_mean).to(GA.dtype.element_ty), mask=mask)
-    share = tl.zeros([g.shape[0]], dtype=tl.float32)
+    share = tl.full([g.shape[0]], 0.0, tl.float32)
     if REDUCE:
-        share = tl.sum(g * tl.load(A + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
+        share = _sum(g * tl.load(A + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
     return share
 
 
@@ -142,15 +166,15 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
     its mean over H, W, spread over H, W (row GYM of the gate's input gradient: y's mean, then the inbounds'). Both
     in one pass, or in two (the gate's node needs v's and w's first)."""
     pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BLOCK_C)
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
     v = _row(V, b, 0, 1, C, c, mask_c)[:, None]
-    grad_mean = tl.zeros([BLOCK_C, 1], dtype=tl.float32)
+    grad_mean = tl.full([BLOCK_C, 1], 0.0, tl.float32)
     if HAS_GM:  # the output mean's gradient, spread over H, W
         grad_mean = (_row(GM, b, 0, 1, C, c, mask_c) * inv_hw)[:, None]
-    gm_y = tl.zeros([BLOCK_C, 1], dtype=tl.float32)
+    gm_y = tl.full([BLOCK_C, 1], 0.0, tl.float32)
     gm0 = gm_y
     gm1 = gm_y
     gm2 = gm_y
@@ -198,8 +222,8 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
         w6 = _row(W, b, 6, N_IN, C, c, mask_c)[:, None]
     if N_IN > 7:
         w7 = _row(W, b, 7, N_IN, C, c, mask_c)[:, None]
-    grad_v = tl.zeros([BLOCK_C], dtype=tl.float32)
-    gw0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    grad_v = tl.full([BLOCK_C], 0.0, tl.float32)
+    gw0 = tl.full([BLOCK_C], 0.0, tl.float32)
     gw1 = gw0
     gw2 = gw0
     gw3 = gw0
@@ -217,7 +241,7 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
             g = tl.where(out > 0.0, g, 0.0)
         g = tl.where(mask, g, 0.0)
         if REDUCE:
-            grad_v += tl.sum(g * _tile(Y, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0], axis=1)
+            grad_v += _sum(g * _tile(Y, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0], axis=1)
         if WRITE:
             tl.store(GY + offs, (g * v + gm_y).to(GY.dtype.element_ty), mask=mask)
         gw0 += _inbound_grad(g, A0, GA0, C0, w0, gm0, b, c, hw, mask_hw, HW, REDUCE, WRITE,
@@ -267,14 +291,14 @@ def _pool_kernel(Y, G, M0, M1, M2, M3, M4, M5, M6, M7, C, HW, inv_hw, N_IN: tl.c
                  CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """The gate's input g = [mean of y over H, W, the inbounds' means] (B, (n + 1) * C), float32."""
     pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BLOCK_C)
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    total = tl.full([BLOCK_C], 0.0, tl.float32)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
-        total += tl.sum(_tile(Y, C, b, c, hw, hw < HW, HW, CHANNELS_LAST)[0], axis=1)
+        total += _sum(_tile(Y, C, b, c, hw, hw < HW, HW, CHANNELS_LAST)[0], axis=1)
     row = G + b * (N_IN + 1) * C + c
     tl.store(row, total * inv_hw, mask=mask_c)
     tl.store(row + C, _row(M0, b, 0, 1, C, c, mask_c), mask=mask_c)
@@ -309,17 +333,17 @@ def _weights_tile(L, VALID, b, c, mask_c, C, scale, N_IN: tl.constexpr, BLOCK_N:
 def _weights_fwd_kernel(L, VALID, V, W, C, scale, N_IN: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BLOCK_C)
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
     v_logit = tl.load(L + b * (N_IN + 1) * C + c, mask=mask_c, other=0.0).to(tl.float32) * scale
-    tl.store(V + b * C + c, tl.sigmoid(v_logit), mask=mask_c)
+    tl.store(V + b * C + c, 1.0 / (1.0 + tl.exp(-v_logit)), mask=mask_c)
     rows, real, z = _weights_tile(L, VALID, b, c, mask_c, C, scale, N_IN, BLOCK_N)
-    top = tl.max(z, axis=0)
+    top = _max(z, axis=0)
     top = tl.where(top == float('-inf'), 0.0, top)  # only the tile's columns past C
     e = tl.where(real, tl.exp(z - top[None, :]), 0.0)
-    total = tl.sum(e, axis=0)
+    total = _sum(e, axis=0)
     total = tl.where(total > 0.0, total, 1.0)
     k = tl.arange(0, BLOCK_N)
     tl.store(W + (b * N_IN + k[:, None]) * C + c[None, :], e / total[None, :], mask=rows)
@@ -329,23 +353,23 @@ def _weights_fwd_kernel(L, VALID, V, W, C, scale, N_IN: tl.constexpr, BLOCK_N: t
 def _weights_bwd_kernel(GV, GW, V, W, GL, C, scale, HAS_GV: tl.constexpr, HAS_GW: tl.constexpr,
                         N_IN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
-    blocks_c = tl.cdiv(C, BLOCK_C)
+    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    grad_v_logit = tl.zeros([BLOCK_C], dtype=tl.float32)
+    grad_v_logit = tl.full([BLOCK_C], 0.0, tl.float32)
     if HAS_GV:
         v = tl.load(V + b * C + c, mask=mask_c, other=0.0)
         grad_v_logit = tl.load(GV + b * C + c, mask=mask_c, other=0.0).to(tl.float32) * v * (1.0 - v) * scale
     tl.store(GL + b * (N_IN + 1) * C + c, grad_v_logit, mask=mask_c)
     k = tl.arange(0, BLOCK_N)
     rows = (k[:, None] < N_IN) & mask_c[None, :]
-    grad_w_logits = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    grad_w_logits = tl.full([BLOCK_N, BLOCK_C], 0.0, tl.float32)
     if HAS_GW:  # softmax: w * (g - sum_j w_j g_j)
         offs = (b * N_IN + k[:, None]) * C + c[None, :]
         w = tl.load(W + offs, mask=rows, other=0.0)
         g = tl.load(GW + offs, mask=rows, other=0.0).to(tl.float32)
-        grad_w_logits = w * (g - tl.sum(w * g, axis=0)[None, :]) * scale
+        grad_w_logits = w * (g - _sum(w * g, axis=0)[None, :]) * scale
     tl.store(GL + b * (N_IN + 1) * C + (k[:, None] + 1) * C + c[None, :], grad_w_logits, mask=rows)
 
 
@@ -562,9 +586,10 @@ def takes_gate(gate) -> bool:
 
 
 def covers(y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor]) -> bool:
-    """Whether these kernels take these tensors: float maps on y's device, all NCHW- or all channels_last-
-    contiguous, inbounds of y's batch and size and at most as wide, at most MAX_INBOUNDS of them."""
-    if y.dim() != 4 or not y.is_floating_point() or len(inbounds) > MAX_INBOUNDS or not inbounds:
+    """Whether these kernels take these tensors: float32, bfloat16 or float16 maps on y's device, all NCHW- or all
+    channels_last-contiguous, inbounds of y's batch and size and at most as wide, at most MAX_INBOUNDS of them
+    (float64 stays with the formula: the kernels compute in float32)."""
+    if y.dim() != 4 or y.dtype not in DTYPES or len(inbounds) > MAX_INBOUNDS or not inbounds:
         return False
     if y.is_contiguous():
         memory_format = torch.contiguous_format
@@ -574,7 +599,7 @@ def covers(y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tens
         return False
     batch, channels, height, width = y.shape
     for a in inbounds:
-        if (a.device != y.device or not a.is_floating_point() or a.dim() != 4 or a.shape[0] != batch
+        if (a.device != y.device or a.dtype not in DTYPES or a.dim() != 4 or a.shape[0] != batch
                 or a.shape[1] > channels or a.shape[2:] != y.shape[2:]
                 or not a.is_contiguous(memory_format=memory_format)):
             return False

@@ -15,16 +15,27 @@ on which model had allocated what before.
     # any two timm models
     PYTHONPATH=. python tools/benchmark.py --model denseresnet34_n2 --baseline resnet34 --img-size 160
 
+Operations per training step (``--count-ops``, any device, CPU by default): the operations of one SGD step
+(forward, backward, optimizer with ``foreach``), counted as kernel launches are: every ATen operation except views
+and allocations (which launch nothing), and a Triton launch of the gate as one. On CPU with
+``TIMM_DENSERES_FUSED=0 TRITON_INTERPRET=1`` that is the path CUDA takes (the interpreter's own operations left
+out); with ``TIMM_DENSERES_TRITON=0`` too, the plain formula's.
+
+    TIMM_DENSERES_FUSED=0 TRITON_INTERPRET=1 PYTHONPATH=. python tools/benchmark.py --count-ops
+
 Peak memory counts what a step allocates on top of what already lives (parameters, buffers, optimizer state,
 the input batch), plus those persistent bytes. On CUDA it is ``torch.cuda.max_memory_allocated``; on CPU it is
 followed through the allocation events of ``torch.profiler`` (profile_memory=True), which see PyTorch's own
 allocator only (not, e.g., oneDNN scratch space allocated outside it).
 """
 import argparse
+import collections
 import contextlib
+import json
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -34,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_denseres  # noqa: F401  registers the models
 from timm_denseres.flops import count_macs
@@ -243,6 +255,54 @@ def benchmark_pair(names: Tuple[str, str], size: int, device: torch.device, args
     return subjects
 
 
+# allocations and bookkeeping: no kernel is launched for them
+NOT_LAUNCHES = {'aten::empty', 'aten::empty_like', 'aten::empty_strided', 'aten::new_empty',
+                'aten::new_empty_strided', 'aten::set_', 'aten::detach', 'aten::promote_types'}
+
+
+def _triton_kernels():
+    return sys.modules.get('timm_denseres._triton_kernels')
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the ATen operations that launch a kernel (views and allocations left out) by name; the gate's Triton
+    launches are added by :func:`count_ops`, and the operations Triton's interpreter runs for them left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = func._schema
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+        triton = _triton_kernels()
+        if not (is_view or schema.name in NOT_LAUNCHES or (triton is not None and triton.launching[0])):
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(name: str, size: int, batch_size: int = 2, device: str = 'cpu') -> collections.Counter:
+    """Operations of one SGD training step of ``name`` (after one step not counted), Triton launches included."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).train().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    target = torch.randint(0, model.num_classes, (batch_size,), device=device)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    train_step()
+    launches_before = _triton_kernels().launches[0] if _triton_kernels() else 0
+    with OperationCounter() as counter:
+        train_step()
+    if _triton_kernels():
+        counter.counts['triton launch'] += _triton_kernels().launches[0] - launches_before
+    return counter.counts
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
@@ -292,6 +352,9 @@ def parse_args(argv=None):
     parser.add_argument('--compile', action='store_true', help='torch.compile both models (default inductor)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--no-macs', action='store_true', help='skip counting multiply-adds')
+    parser.add_argument('--count-ops', action='store_true',
+                        help='count the operations of one training step per model instead of timing (see above)')
+    parser.add_argument('--json', help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     if (args.model is None) != (args.baseline is None):
         parser.error('--model and --baseline go together')
@@ -308,6 +371,8 @@ def main(argv=None) -> None:
         jobs = [((PAIRS[b][0], b), args.img_size or PAIRS[b][1]) for b in args.pairs]
     require_models([name for names, _ in jobs for name in names])
     torch.set_num_threads(args.threads)
+    if args.count_ops:
+        return print_op_counts(jobs, args)
 
     load_before = os.getloadavg()
     start = time.time()
@@ -326,6 +391,23 @@ def main(argv=None) -> None:
           f'load average (1/5/15 min) before {"/".join(f"{x:.1f}" for x in load_before)}, '
           f'after {"/".join(f"{x:.1f}" for x in load_after)} on {os.cpu_count()} CPUs\n')
     print(format_table(results, args))
+
+
+def print_op_counts(jobs, args) -> None:
+    device = (args.devices or ['cpu'])[0] if args.devices != ['cpu', 'cuda'] else 'cpu'
+    path = ('Triton' if os.environ.get('TRITON_INTERPRET') == '1' or device == 'cuda' else 'CPU kernels'
+            if os.environ.get('TIMM_DENSERES_FUSED', '1') != '0' else 'formula')
+    print(f'operations per training step (batch 2, {device}; gate path: {path}; torch {torch.__version__})\n')
+    print('| model | baseline | model ops | baseline ops | ratio |\n|---|---|---|---|---|')
+    results = []
+    for (model, base), size in jobs:
+        counts = [sum(count_ops(name, size, device=device).values()) for name in (model, base)]
+        results.append(dict(model=model, baseline=base, img_size=size, model_ops=counts[0], baseline_ops=counts[1],
+                            ratio=counts[0] / counts[1], gate_path=path))
+        print(f'| {model} | {base} | {counts[0]} | {counts[1]} | **{counts[0] / counts[1]:.2f}** |', flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':
