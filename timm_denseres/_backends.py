@@ -19,7 +19,8 @@ from . import _kernels
 
 __all__ = ['disabled', 'kernels_disabled', 'for_device', 'triton_kernels']
 
-_state = {'disabled': False, 'triton': None}  # triton: None until imported, then the module or False
+_state = {'disabled': False, 'triton': None, 'checked': set()}  # triton: None until imported, then the module or
+# False; checked: the devices where it ran its self-check
 
 
 def _switched_on(variable: str) -> bool:
@@ -52,6 +53,22 @@ def triton_kernels(device: torch.device) -> Optional[ModuleType]:
         return None
     if not (device.type == 'cuda' or (device.type == 'cpu' and _interpreting())):
         return None
+    triton = _import_triton_kernels(device)
+    if triton is None or device.type != 'cuda' or device in _state['checked']:
+        return triton
+    try:  # a first launch on this GPU: a kernel that cannot be compiled or run here fails here, not in a model
+        triton.self_check(device)
+        _state['checked'].add(device)
+    except Exception as e:  # noqa: BLE001  Triton's compiler and driver raise many kinds of error
+        _state['triton'] = False
+        warnings.warn(f'timm_denseres: the Triton gate kernels do not run on {device} ({type(e).__name__}: '
+                      f'{str(e).splitlines()[0] if str(e) else ""}); the gates use PyTorch operations (same numbers, '
+                      f'slower). Set TIMM_DENSERES_TRITON=0 to skip the attempt.', stacklevel=3)
+        return None
+    return triton
+
+
+def _import_triton_kernels(device: torch.device) -> Optional[ModuleType]:
     if _state['triton'] is None:
         try:
             from . import _triton_kernels

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-__all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'launches', 'launching']
+__all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'self_check', 'launches', 'launching']
 
 MAX_INBOUNDS = 8  # the kernels' inbound slots
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -605,3 +605,17 @@ def covers(y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tens
             return False
     return len(means) == len(inbounds) and all(
         m.device == y.device and m.is_floating_point() and m.shape == (batch, channels) for m in means)
+
+
+def self_check(device: torch.device) -> None:
+    """Runs a tiny gate through every kernel, both ways, on ``device`` (raises where Triton cannot compile or
+    launch them)."""
+    channels, hidden = 4, 8
+    y, a = (torch.randn(2, channels, 3, 3, device=device, requires_grad=True) for _ in range(2))
+    params = [torch.randn(hidden, 2 * channels, 1, 1, device=device), torch.ones(hidden, device=device),
+              torch.zeros(hidden, device=device), torch.randn(2 * channels, hidden, 1, 1, device=device),
+              torch.zeros(2 * channels, device=device)]
+    running = (torch.zeros(hidden, device=device), torch.ones(hidden, device=device))
+    settings = (True, 1.0, [channels], True, running, 0.1, 1e-5)
+    out, out_mean, _, _ = _GateFn.apply(settings, y, None, 1, a, a.detach().mean((2, 3)), *params)
+    torch.autograd.grad(out.sum() + out_mean.sum(), [y, a])

@@ -95,7 +95,7 @@ def _make_steps(subject: Subject, args, device: torch.device, size: int) -> None
     target = torch.randint(0, num_classes, (args.batch_size,), device=device)
     amp_dtype = AMP_DTYPES[args.amp_dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    runner = torch.compile(model) if args.compile else model
+    runner = torch.compile(model, mode=args.compile) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -349,7 +349,8 @@ def parse_args(argv=None):
                              "tensor), which removes page-fault noise from CPU timings (see STEADY_MALLOC_ENV)")
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--amp-dtype', default='none', choices=list(AMP_DTYPES))
-    parser.add_argument('--compile', action='store_true', help='torch.compile both models (default inductor)')
+    parser.add_argument('--compile', nargs='?', const='default', choices=['default', 'reduce-overhead', 'max-autotune'],
+                        help="torch.compile both models, in this mode ('reduce-overhead': CUDA graphs)")
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--no-macs', action='store_true', help='skip counting multiply-adds')
     parser.add_argument('--count-ops', action='store_true',
