@@ -610,6 +610,11 @@ def covers(y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tens
 def self_check(device: torch.device) -> None:
     """Runs a tiny gate through every kernel, both ways, on ``device`` (raises where Triton cannot compile or
     launch them)."""
+    with torch.inference_mode(False), torch.enable_grad():  # the first call may come in inference mode
+        _check_gate(device)
+
+
+def _check_gate(device: torch.device) -> None:
     channels, hidden = 4, 8
     y, a = (torch.randn(2, channels, 3, 3, device=device, requires_grad=True) for _ in range(2))
     params = [torch.randn(hidden, 2 * channels, 1, 1, device=device), torch.ones(hidden, device=device),
