@@ -319,6 +319,22 @@ def test_a_failed_build_warns_once_with_its_cause_and_the_model_still_runs(tmp_p
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_unusable_cache_warns_in_one_line_and_the_first_forward_works(tmp_path):
+    """HOME is a file, so no cache folder can be made under it: the first forward still runs (the modules), and
+    stderr holds one line, the warning."""
+    home = tmp_path / 'home'
+    home.write_text('')
+    code = ('import timm, torch, timm_denseres; '
+            'print(timm.create_model("test_denseresnet")(torch.randn(2, 3, 16, 16)).shape)')
+    env = {k: v for k, v in os.environ.items() if k not in ('TORCH_EXTENSIONS_DIR', 'XDG_CACHE_HOME')}
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600,
+                            env=dict(env, HOME=str(home)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'torch.Size([2, 10])'
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'could not be built' in lines[0] and 'NotADirectoryError' in lines[0], lines
+
+
 @needs_kernel
 def test_a_finished_build_loads_silently_and_writes_nothing(tmp_path):
     """A cache that holds the finished build of these sources (copied from this process's) is loaded as it is:

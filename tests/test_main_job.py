@@ -33,7 +33,9 @@ def test_without_matplotlib_the_figure_is_skipped_with_one_line(tmp_path):
     figure = tmp_path / 'gates.png'
     result = _main_job('--figure', str(figure), cwd=REPO_ROOT, without_matplotlib=True)
     assert result.returncode == 0, result.stderr
-    assert '300 images of ' in result.stdout and 'top-1 accuracy' in result.stdout
+    first, second = result.stdout.splitlines()[:2]
+    assert first == 'checkpoint: local-dir:weights/denseresnet20_n4.fmnist'  # labelled, relative to the clone
+    assert second.startswith('  300 images of data/sample/fashion-mnist/validation: top-1 accuracy ')
     skipped = [line for line in result.stdout.splitlines() if 'gate figure' in line]
     assert skipped == [f'  gate figure skipped: {MATPLOTLIB_HINT}'] and 'pip install matplotlib' in MATPLOTLIB_HINT
     assert not figure.exists()

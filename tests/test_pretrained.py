@@ -789,3 +789,15 @@ def test_bundled_checkpoints_load_by_tag_offline_as_from_their_folder(tmp_path):
     for name, result in results.items():
         assert result['tag'] == name.split('.', 1)[1]
         assert result['diff'] == 0.0 and result['spread'] > 0.1, (name, result)
+
+
+def test_a_checkpoint_with_the_models_channels_logs_no_conversion(caplog):
+    """A 1-channel checkpoint into a 1-channel model: timm's 'Converted input conv ... from 3 to 1' would be wrong
+    (nothing is converted), so it is not logged; into a 3-channel model the gray kernel is spread over RGB."""
+    folder = REPO_ROOT / 'weights' / 'denseresnet20_n4.fmnist'
+    with caplog.at_level('INFO'):
+        gray = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert gray.conv1.in_channels == 1
+    assert 'Loading pretrained weights' in caplog.text and 'Converted input conv' not in caplog.text
+    rgb = timm.create_model(f'local-dir:{folder}', pretrained=True, in_chans=3)
+    torch.testing.assert_close(rgb.conv1.weight.sum(1, keepdim=True), gray.conv1.weight)

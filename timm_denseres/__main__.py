@@ -40,12 +40,23 @@ def bundled_defaults(model: Optional[str], data_dir: Optional[Path]) -> tuple:
     return model or f'local-dir:{BUNDLED_CHECKPOINT}', data_dir or BUNDLED_SAMPLE
 
 
+def _shown(name) -> str:
+    """A path, or local-dir:PATH, relative to the working folder where it lies inside it."""
+    name = str(name)
+    prefix = 'local-dir:' if name.startswith('local-dir:') else ''
+    try:
+        return prefix + str(Path(name[len(prefix):]).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return name
+
+
 def classify_sample(model_name: str, data_dir: Path, split: str, figure: Path, shown: int) -> None:
     model = timm.create_model(model_name, pretrained=True).eval()
     loader = make_loader(model, str(data_dir), split, batch_size=100)
     with torch.no_grad(), record_gates(model) as stats:
         result = evaluate(model, loader)
-    print(f'{model_name}\n  {result.count} images of {data_dir}/{split}: top-1 accuracy {result.top1:.2f}%')
+    print(f'checkpoint: {_shown(model_name)}\n  {result.count} images of {_shown(data_dir / split)}: top-1 accuracy '
+          f'{result.top1:.2f}%')
     names = result.class_names
     step = max(1, result.count // shown)
     for i in range(0, min(result.count, step * shown), step):

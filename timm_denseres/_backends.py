@@ -8,7 +8,6 @@ on CPU tensors too under Triton's interpreter (``TRITON_INTERPRET=1``), where th
 on the first call that could use it, never on a CPU-only run without the interpreter.
 """
 import os
-import warnings
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator, List, Optional
@@ -16,6 +15,7 @@ from typing import Iterator, List, Optional
 import torch
 
 from . import _kernels
+from ._runtime import warn_line
 
 __all__ = ['disabled', 'kernels_disabled', 'for_device', 'triton_kernels']
 
@@ -61,9 +61,9 @@ def triton_kernels(device: torch.device) -> Optional[ModuleType]:
         _state['checked'].add(device)
     except Exception as e:  # noqa: BLE001  Triton's compiler and driver raise many kinds of error
         _state['triton'] = False
-        warnings.warn(f'timm_denseres: the Triton gate kernels do not run on {device} ({type(e).__name__}: '
-                      f'{str(e).splitlines()[0] if str(e) else ""}); the gates use PyTorch operations (same numbers, '
-                      f'slower). Set TIMM_DENSERES_TRITON=0 to skip the attempt.', stacklevel=3)
+        warn_line(f'timm_denseres: the Triton gate kernels do not run on {device} ({type(e).__name__}: '
+                  f'{str(e).splitlines()[0] if str(e) else ""}); the gates use PyTorch operations (same numbers, '
+                  f'slower). Set TIMM_DENSERES_TRITON=0 to skip the attempt.')
         return None
     return triton
 
@@ -76,9 +76,8 @@ def _import_triton_kernels(device: torch.device) -> Optional[ModuleType]:
         except ImportError as e:
             _state['triton'] = False
             if device.type == 'cuda':
-                warnings.warn(f'timm_denseres: no Triton ({e}); the gates use PyTorch operations on CUDA (same '
-                              f'numbers, slower). Install triton, or set TIMM_DENSERES_TRITON=0 to skip the '
-                              f'attempt.', stacklevel=3)
+                warn_line(f'timm_denseres: no Triton ({e}); the gates use PyTorch operations on CUDA (same numbers, '
+                          f'slower). Install triton, or set TIMM_DENSERES_TRITON=0 to skip the attempt.')
     return _state['triton'] or None
 
 

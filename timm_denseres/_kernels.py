@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -23,7 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._runtime import autocast_enabled
+from ._runtime import autocast_enabled, warn_line
 
 __all__ = ['covers', 'takes_gate', 'run_gate', 'gate_head', 'gate_weights', 'gate_mix', 'kernel_available']
 
@@ -94,9 +93,9 @@ def _load() -> bool:
         return True
     cpp_extension = _cpp_extension()
     name, cflags = _build_name()
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    library = build_dir / f'{name}.so'
-    try:
+    try:  # the build directory is made here already: an unwritable cache fails here
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        library = build_dir / f'{name}.so'
         if library.is_file():
             torch.ops.load_library(str(library))  # a finished build of these sources: no lock, nothing to say
             return True
@@ -105,10 +104,10 @@ def _load() -> bool:
             cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=cflags,
                                extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, no write access to the cache, ...
-        warnings.warn(
+        warn_line(
             f'timm_denseres: the CPU gate kernels could not be built ({type(e).__name__}: {_failure_cause(e)}); '
             f'the gates use PyTorch operations instead (same numbers, slower on CPU). Set TIMM_DENSERES_FUSED=0 '
-            f'to skip the attempt.', stacklevel=2)
+            f'to skip the attempt.')
         return False
     return True
 

@@ -1,5 +1,7 @@
 """What the current call runs under (the compiler, autocast, forward hooks): the fast eager paths of the gate
 (gate.py) step aside for each of these."""
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -22,3 +24,9 @@ def hook_free(module: nn.Module) -> bool:
     """No forward hook watches ``module`` (nor all modules): a fast path may do its work without calling it."""
     return not (module._forward_hooks or module._forward_pre_hooks
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def warn_line(message: str) -> None:
+    """A UserWarning shown as one line (no source line below it): the kernels' fallbacks say what happened and
+    what to set, and the user's code has nothing to do with it."""
+    warnings.warn_explicit(message, UserWarning, filename='timm_denseres', lineno=0)

@@ -33,9 +33,11 @@ checkpoint lacks, are set to identity with a logit of ``WARM_START_GATE_LOGIT`` 
 """
 import hashlib
 import json
+import logging
 import math
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import timm
 import torch
@@ -599,6 +601,22 @@ def imagenet_cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+@contextmanager
+def _no_channel_conversion_log() -> Iterator[None]:
+    """timm converts a checkpoint's first conv from 3 channels to the model's whenever the model has not 3, and logs
+    it; a checkpoint that has the model's channels already (a 1-channel one into a 1-channel model) passes through
+    that step unchanged (its gray kernel spread over 3 channels and summed back), so the log line would be wrong."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith('Converted input conv')
+
+    log = logging.getLogger('timm.models._builder')
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def build_model_with_pretrained(
         model_cls: Union[Type[nn.Module], Callable[..., nn.Module]],
         variant: str,
@@ -649,8 +667,11 @@ def build_model_with_pretrained(
         repo_id, revision = hub
         _ask_hub(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision, f'the weights of {name}', cache_dir)
     checks = LoadChecks(cache_dir=cache_dir, gate_logit=gate_logit)
+    cfg_chans = cfg.get('input_size', (3,))[0]
+    same_chans = kwargs.get('in_chans', cfg_chans) == cfg_chans != 3  # timm's default in_chans is the cfg's
     try:
-        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checks, **kwargs)
+        with _no_channel_conversion_log() if same_chans else nullcontext():
+            return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checks, **kwargs)
     except SafetensorError as e:
         path = weights_path(cfg, cache_dir)
         raise PretrainedWeightsError(

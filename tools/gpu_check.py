@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import timm
 import torch
@@ -95,13 +95,14 @@ def correctness(device: torch.device, batch: int = 4) -> List[Dict]:
     return results
 
 
-def benchmark(device: torch.device, configs: List[str], repeats: int, min_time: float) -> List[Dict]:
+def benchmark(device: torch.device, configs: List[str], repeats: int, min_time: float, results: List[Dict],
+              save: Callable[[], None]) -> List[Dict]:
+    """Appends a row per pair and set-up to ``results`` and saves after each (a time limit keeps what ran)."""
     sys.path.insert(0, str(ROOT / 'tools'))  # by name: its worker processes import it again
     import benchmark as bench
     flags = {'fp32': [], 'bf16_cl': ['--amp-dtype', 'bfloat16', '--channels-last'],
              'bf16_cl_reduce_overhead': ['--amp-dtype', 'bfloat16', '--channels-last', '--compile', 'reduce-overhead'],
              'fp32_reduce_overhead': ['--compile', 'reduce-overhead']}
-    results = []
     for config in configs:
         compiled = 'reduce_overhead' in config
         for model, base, size, batch in PAIRS[:1] if compiled else PAIRS:  # compiling: the launch-bound pair
@@ -114,6 +115,7 @@ def benchmark(device: torch.device, configs: List[str], repeats: int, min_time: 
             except Exception as e:  # noqa: BLE001  record it and go on with the next
                 results.append(dict(config=config, model=model, baseline=base, error=f'{type(e).__name__}: {e}'))
                 print(json.dumps(results[-1]), flush=True)
+                save()
                 continue
             row = dict(config=config, model=model, baseline=base, img_size=size, batch=batch,
                        seconds=round(time.time() - start, 1))
@@ -124,6 +126,7 @@ def benchmark(device: torch.device, configs: List[str], repeats: int, min_time: 
                 row[f'{mode}_memory_ratio'] = dense.peak[mode] / baseline.peak[mode]
             results.append(row)
             print(json.dumps(row), flush=True)
+            save()
     return results
 
 
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
             if part == 'correctness':
                 report[part] = correctness(device)
             elif part == 'benchmark':
-                report[part] = benchmark(device, args.configs, args.repeats, args.min_time)
+                report[part] = []
+                benchmark(device, args.configs, args.repeats, args.min_time, report[part], save)
             else:
                 report[part] = train_epoch(device, args.data_dir, args.output)
         except Exception as e:  # noqa: BLE001  one part's failure is a result too
