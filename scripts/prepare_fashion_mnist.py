@@ -1,7 +1,7 @@
 """Write Fashion-MNIST as PNG files in the folder layout timm's ImageFolder reads.
 
     python scripts/prepare_fashion_mnist.py                      # all of it -> data/fashion-mnist
-    python scripts/prepare_fashion_mnist.py --train-per-class 600 --val-per-class 100 --out /tmp/fm
+    python scripts/prepare_fashion_mnist.py --train-per-class 600 --val-per-class 100 --out data/fashion-mnist-6k
     python scripts/prepare_fashion_mnist.py --sample             # the committed sample -> data/sample/fashion-mnist
 
 Reads the idx files of Debian's `dataset-fashion-mnist` package. `train/` comes from the train split,

@@ -21,6 +21,7 @@ from timm_denseres.gate_stats import gate_modules
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / 'fixtures' / 'study'
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+START, END = '<!-- study-table:start -->', '<!-- study-table:end -->'
 CARD = """# Card
 
 ## Fashion-MNIST study
@@ -54,7 +55,7 @@ def workspace(tmp_path):
 
 
 def _report(results, card, docs, *extra):
-    return study.main(['report', '--results', str(results), '--model-card', str(card), '--docs', str(docs), *extra])
+    return study.main(['report', '--results', str(results), '--doc', str(card), '--docs', str(docs), *extra])
 
 
 def _top1(results: Path, run: str) -> float:
@@ -68,7 +69,7 @@ def _seconds_per_epoch(results: Path, run: str) -> float:
 
 def _table_rows(card: Path) -> dict:
     """{first cell: [other cells]} of the markdown table between the markers."""
-    block = card.read_text().split(study.START)[1].split(study.END)[0]
+    block = card.read_text().split(START)[1].split(END)[0]
     rows = [line.strip('|').split('|') for line in block.splitlines() if line.startswith('| ')]
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
 
@@ -99,7 +100,7 @@ def test_report_writes_the_table_from_the_records(workspace, capsys):
         expected = statistics.mean(_seconds_per_epoch(results, f'{arm}-s{seed}') for seed in (0, 1))
         assert times[column] == f'{expected:.0f}'
     text = card.read_text()
-    assert text.startswith(CARD.split(study.START)[0]) and text.endswith(study.END + '\n\n## Next section\n')
+    assert text.startswith(CARD.split(START)[0]) and text.endswith(END + '\n\n## Next section\n')
     assert "paper's" in text and '24.65 %' in text and '22.62 %' in text
     assert '| 0 |' in capsys.readouterr().out  # the table goes to stdout too
     assert (docs / study.CURVES_PNG).read_bytes().startswith(PNG_SIGNATURE)
@@ -178,7 +179,7 @@ def _summary_row(epoch: int) -> str:
 
 
 def _stopped_run(run_dir: Path, epochs_in_summary: int, checkpoint_epoch: int, started: int, saved: int) -> None:
-    """A train.py run folder as a session's end leaves it: summary.csv may hold an epoch after the checkpoint's."""
+    """A train.py run folder as a stopped run leaves it: summary.csv may hold an epoch after the checkpoint's."""
     run_dir.mkdir(exist_ok=True)
     shutil.copyfile(FIXTURE / 'resnet20-s1' / 'args.yaml', run_dir / 'args.yaml')
     (run_dir / 'summary.csv').write_text(SUMMARY_HEADER + ''.join(map(_summary_row, range(epochs_in_summary))))
@@ -260,3 +261,45 @@ def test_gates_of_a_pretrained_model_spec(tmp_path):
     assert record['images'] == 6
     for block, weights in record['w_mean'].items():
         assert sum(weights) == pytest.approx(1.0, abs=1e-5), block
+
+
+def _telemetry(run_dir: Path, epochs: int, moved: float) -> None:
+    """A gates.csv as GateTelemetry writes it: per epoch a row for the model, then stages and blocks."""
+    lines = ['epoch,scope,v,w_shortcut,w_moved,w_entropy,w']
+    for epoch in range(epochs):
+        lines += [f'{epoch},all,0.9,0.8,{moved * (epoch + 1) / epochs},0.5,', f'{epoch},layer1,0.9,0.8,0.0,0.5,',
+                  f'{epoch},layer1.0,0.9,1.0,0.0,0.0,1.00000']
+    (run_dir / 'gates.csv').write_text('\n'.join(lines) + '\n')
+
+
+def test_report_shows_each_dense_runs_gates_at_the_final_epoch(workspace):
+    results, card, docs = workspace
+    epochs = len((results / 'denseresnet20_n4-init3-s0' / 'summary.csv').read_text().splitlines()) - 1
+    _telemetry(results / 'denseresnet20_n4-init3-s0', epochs, moved=0.0625)
+    assert _report(results, card, docs) == 0
+    text = card.read_text()
+    assert '| `denseresnet20_n4-init3-s0` | 0.900 | 0.800 | 0.0625 | 0.500 |' in text
+    assert '`denseresnet20_n4-init3-s1`' not in text.split('Gate telemetry')[1]  # no telemetry, no row
+    _telemetry(results / 'denseresnet20_n4-init3-s0', epochs - 1, moved=0.1)  # a telemetry that stops early
+    assert _report(results, card, docs) == 0
+    assert 'Gate telemetry' not in card.read_text()  # the run is left out, named on stderr
+
+
+def test_report_writes_the_ablation_table_per_results_folder(workspace, tmp_path):
+    results, card, docs = workspace
+    card.write_text(CARD + '\n<!-- ablation-table:start -->\n<!-- ablation-table:end -->\n')
+    plan = tmp_path / 'plan.yaml'
+    plan.write_text('results: x\narms:\n  resnet20: {model: resnet20}\n'
+                    '  denseresnet20_n4-init3: {model: denseresnet20_n4, model_kwargs: [gate_init_logit=3.0]}\n'
+                    '  denseresnet20_n4-gone: {model: denseresnet20_n4}\n')
+    assert study.main(['report', '--results', str(results), '--doc', str(card), '--docs', str(docs),
+                       '--ablation', str(results), '--ablation-plan', str(plan)]) == 0
+    block = card.read_text().split('<!-- ablation-table:start -->')[1]
+    rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in block.splitlines() if line.startswith('| `')}
+    assert list(rows) == ['`resnet20`', '`denseresnet20_n4-init3`']  # plan order; an arm without runs left out
+    dense, base = ([_top1(results, f'{arm}-s{seed}') for seed in (0, 1)]
+                   for arm in ('denseresnet20_n4-init3', 'resnet20'))
+    assert rows['`denseresnet20_n4-init3`'][1] == '`gate_init_logit=3.0`'
+    assert rows['`denseresnet20_n4-init3`'][2] == f'{dense[0]:.2f} / {dense[1]:.2f} (seeds 0,1)'
+    diffs = [a - b for a, b in zip(dense, base)]
+    assert rows['`denseresnet20_n4-init3`'][4] == f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} pp (n=2)'

@@ -1,12 +1,12 @@
-"""The Fashion-MNIST study (MODEL_CARD.md, "Fashion-MNIST study"): one command per run, one to make the results.
+"""The Fashion-MNIST study and its gate ablation (docs/fmnist_study.md): one command per run, one to make the results.
 
     python tools/study.py run denseresnet20_n4 --seed 0                  # train + validate + copy the records
     python tools/study.py run denseresnet20_n4 --seed 0 --variant-name init3 --model-kwargs gate_init_logit=3.0
     python tools/study.py run denseresnet20_n4 --seed 0 --resume         # go on from a stopped run's last.pth.tar
     python tools/study.py plan recipes/fmnist_gate_ablation.yaml --seeds 0 1 2 --jobs 2   # many runs, N at once
     python tools/study.py collect runs/study/*                           # copy the records of finished runs
-    python tools/study.py report                                         # table in MODEL_CARD.md + figures
-    python tools/study.py report --check                                 # exit 1 if MODEL_CARD.md is stale
+    python tools/study.py report                                         # tables in docs/fmnist_study.md, figures
+    python tools/study.py report --check                                 # exit 1 if those tables are stale
     python tools/study.py report --gates --checkpoint runs/study/denseresnet20_n4-s0/last.pth.tar \
         --model denseresnet20_n4 --data-dir data/fashion-mnist-20k      # mean gate weights (paper's Fig. 4)
 
@@ -39,8 +39,9 @@ RECIPE = 'recipes/fmnist_study.yaml'
 RECORDS = ('args.yaml', 'summary.csv', 'validate.json', 'timing.json')
 TELEMETRY = 'gates.csv'  # written by a dense model's run (timm_denseres.gate_stats.GateTelemetry)
 RESULTS = ROOT / 'results' / 'fmnist_study'
-START, END = '<!-- study-table:start -->', '<!-- study-table:end -->'
 CURVES_PNG = 'study_curves_fmnist.png'
+STUDY_DOC = 'docs/fmnist_study.md'
+ABLATION_RESULTS = ('results/fmnist_gate_ablation', 'results/fmnist_gate_ablation_cpu')
 WIDTH = 116  # the model card's line length
 RUN_NAME = re.compile(r'^(?P<arm>[A-Za-z0-9_.-]+)-s(?P<seed>\d+)$')
 
@@ -247,6 +248,9 @@ class Run:
     top1: float  # validate.py on the final-epoch weights, percent
     seconds_per_epoch: float
     test_error: List[float]  # per epoch, percent, from summary.csv
+    train_loss: float = float('nan')  # the final epoch's, from summary.csv
+    device: str = 'cpu'
+    gates: Optional[Dict[str, float]] = None  # the final epoch's telemetry over all blocks (gates.csv), if any
 
     @property
     def depth(self) -> int:
@@ -273,7 +277,20 @@ def load_run(run_dir: Path) -> Run:
     return Run(arm, train_args['model'], seed,
                top1=float(json.loads((run_dir / 'validate.json').read_text())['top1']),
                seconds_per_epoch=timing['train_seconds'] / timing['epochs'],
-               test_error=[100.0 - float(row['eval_top1']) for row in rows])
+               test_error=[100.0 - float(row['eval_top1']) for row in rows],
+               train_loss=float(rows[-1]['train_loss']), device=timing.get('device', 'cpu'),
+               gates=final_gates(run_dir / TELEMETRY, len(rows)))
+
+
+def final_gates(path: Path, epochs: int) -> Optional[Dict[str, float]]:
+    """The last epoch's model-wide row of a run's gates.csv (v, w_shortcut, w_moved, w_entropy)."""
+    if not path.is_file():
+        return None
+    with open(path, newline='') as f:
+        rows = [row for row in csv.DictReader(f) if row['scope'] == 'all']
+    if not rows or int(rows[-1]['epoch']) != epochs - 1:
+        raise ValueError(f'{path.name} has no row for the last epoch ({epochs - 1})')
+    return {key: float(rows[-1][key]) for key in ('v', 'w_shortcut', 'w_moved', 'w_entropy')}
 
 
 def load_runs(results: Path) -> List[Run]:
@@ -341,7 +358,19 @@ def paper_line() -> str:
             f'accuracy for the dense model.')
 
 
-def study_block(runs: List[Run], gates: Dict[str, dict]) -> str:
+def telemetry_table(runs: List[Run]) -> List[str]:
+    """The gates of each dense run at its final epoch (means over blocks and over the test images)."""
+    rows = ['| run | v | shortcut w | w moved (mean abs from the start) | entropy of w (nats) |', '|---|---|---|---|---|']
+    for run in runs:
+        if run.gates:
+            g = run.gates
+            rows.append(f'| `{run.arm}-s{run.seed}` | {g["v"]:.3f} | {g["w_shortcut"]:.3f} | {g["w_moved"]:.4f} | '
+                        f'{g["w_entropy"]:.3f} |')
+    return rows if len(rows) > 2 else []
+
+
+def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '') -> str:
+    """The study's tables and figures (``figures``: the folder of the PNGs, relative to the document)."""
     lines = [textwrap.fill(paper_line(), WIDTH), '']
     if not runs:
         lines.append('No finished runs in `results/fmnist_study/` yet.')
@@ -351,22 +380,70 @@ def study_block(runs: List[Run], gates: Dict[str, dict]) -> str:
                    'all 10 000 test images; pp: percentage points; s per epoch: wall time of train.py per epoch, '
                    'with its per-epoch test pass):')
         lines += [textwrap.fill(caption, WIDTH), '', *comparison_table(arms), '']
+        telemetry = telemetry_table([r for seeds in arms.values() for r in seeds.values()])
+        if telemetry:
+            lines += ['Gate telemetry at the final epoch (`gates.csv` of each run):', '', *telemetry, '']
     if runs:
-        lines.append(f'![test error per epoch, mean and min-max over seeds](docs/{CURVES_PNG})')
+        lines.append(f'![test error per epoch, mean and min-max over seeds]({figures}{CURVES_PNG})')
     for name, record in gates.items():
         caption = (f"Mean gate weights w_ik per block and offset (the paper's Fig. 4) of `{name}` over the "
                    f"`{record['split']}` split ({record['images']} images), recorded in "
                    f"`results/fmnist_study/gates_{name}.json` by `{record['command']}`:")
-        figure = f'![mean gate weights w_ik of {name}](docs/study_gates_{name}.png)'
+        figure = f'![mean gate weights w_ik of {name}]({figures}study_gates_{name}.png)'
         lines += ['', textwrap.fill(caption, WIDTH), '', figure]
     return '\n'.join(lines).rstrip('\n')
 
 
-def replace_block(text: str, block: str, path: Path) -> str:
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise SystemExit(f'error: {path} needs one {START} line followed by one {END} line')
-    head, rest = text.split(START)
-    return f'{head}{START}\n{block}\n{END}{rest.split(END)[1]}'
+def _kwargs_text(kwargs: List[str]) -> str:
+    return ', '.join(f'`{kv}`' for kv in kwargs) or 'the defaults'
+
+
+def ablation_block(plan: dict, results: List[Path]) -> str:
+    """One table per results folder (device): each arm of the plan, its top-1 per seed, mean ± std, the paired
+    differences to both ResNet arms, the final train loss and the gates at the final epoch."""
+    lines = []
+    for folder in results:
+        runs = load_runs(folder) if folder.is_dir() else []
+        if not runs:
+            continue
+        arms: Dict[str, Dict[int, Run]] = {}
+        for run in runs:
+            arms.setdefault(run.arm, {})[run.seed] = run
+        devices = sorted({run.device for run in runs})
+        caption = (f'`{repo_path(str(folder))}` (train.py on {" and ".join(devices)}; top-1 of the final-epoch weights '
+                   f'on all 10 000 test images; Δ: paired difference to the ResNet arm of the same seed; gates: the '
+                   f'final epoch\'s telemetry, mean over the seeds):')
+        lines += [textwrap.fill(caption, WIDTH), '']
+        bases = [arm for arm in plan['arms'] if not plan['arms'][arm]['model'].startswith('dense') and arm in arms]
+        head = ['arm', 'set-up', 'top-1 per seed (%)', 'mean ± std'] + [f'Δ `{b}`' for b in bases]
+        head += ['train loss', 'v', 'shortcut w', 'w moved', 'entropy']
+        lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for arm, spec in plan['arms'].items():
+            seeds = arms.get(arm)
+            if not seeds:
+                continue
+            top1 = [seeds[s].top1 for s in sorted(seeds)]
+            row = [f'`{arm}`', _kwargs_text(spec.get('model_kwargs', [])),
+                   ' / '.join(f'{t:.2f}' for t in top1) + f' (seeds {",".join(map(str, sorted(seeds)))})',
+                   mean_std(top1, unit=' %')]
+            for base in bases:
+                diffs = [seeds[s].top1 - arms[base][s].top1 for s in sorted(seeds) if s in arms[base]]
+                row.append('' if arm == base or not diffs else mean_std(diffs, signed=True, unit=' pp'))
+            row.append(f'{statistics.mean(r.train_loss for r in seeds.values()):.3f}')
+            gates = [r.gates for r in seeds.values() if r.gates]
+            for key, spec_ in (('v', '.3f'), ('w_shortcut', '.3f'), ('w_moved', '.4f'), ('w_entropy', '.3f')):
+                row.append(format(statistics.mean(g[key] for g in gates), spec_) if gates else '')
+            lines.append('| ' + ' | '.join(row) + ' |')
+        lines.append('')
+    return '\n'.join(lines).rstrip('\n') or 'No finished ablation runs yet.'
+
+
+def replace_block(text: str, block: str, path: Path, name: str = 'study-table') -> str:
+    start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f'error: {path} needs one {start} line followed by one {end} line')
+    head, rest = text.split(start)
+    return f'{head}{start}\n{block}\n{end}{rest.split(end)[1]}'
 
 
 # ---- report: figures ---------------------------------------------------------------------------------------------
@@ -443,24 +520,30 @@ def gate_records(results: Path) -> Dict[str, dict]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    results, docs, card = Path(args.results), Path(args.docs), Path(args.model_card)
+    results, docs, doc = Path(args.results), Path(args.docs), Path(args.doc)
     if args.gates is not None:
         print(f'wrote {record_gate_json(args)}; run `python tools/study.py report` for the figure')
         return 0
     if not results.is_dir():
         sys.exit(f'error: no results folder {results}')
     runs, gates = load_runs(results), gate_records(results)
-    block = study_block(runs, gates)
+    figures = os.path.relpath(docs, doc.parent)
+    block = study_block(runs, gates, '' if figures == '.' else figures + '/')
     print(block)
-    text = card.read_text()
-    new_text = replace_block(text, block, card)
+    text = doc.read_text()
+    new_text = replace_block(text, block, doc)
+    if '<!-- ablation-table:start -->' in text:
+        plan = yaml.safe_load(Path(args.ablation_plan).read_text())
+        ablation = ablation_block(plan, [Path(folder) for folder in args.ablation])
+        print(ablation)
+        new_text = replace_block(new_text, ablation, doc, 'ablation-table')
     if args.check:
         if new_text != text:
-            print(f'{card} is out of date: run `python tools/study.py report`', file=sys.stderr)
+            print(f'{doc} is out of date: run `python tools/study.py report`', file=sys.stderr)
             return 1
         return 0
     if new_text != text:
-        card.write_text(new_text)
+        doc.write_text(new_text)
     from timm_denseres.gate_figure import plot_gate_weights
 
     docs.mkdir(parents=True, exist_ok=True)
@@ -489,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument('--threads', type=int, default=1)
     run.add_argument('--device', default='cpu', help="train.py's and validate.py's --device")
     run.add_argument('--resume', action='store_true',
-                     help="go on from the run's last.pth.tar (a run that a session's end stopped)")
+                     help="go on from the run's last.pth.tar (a run that was stopped)")
     run.add_argument('--dry-run', action='store_true', help='print the commands only')
     run.set_defaults(func=cmd_run)
 
@@ -511,8 +594,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     collect.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
     collect.set_defaults(func=cmd_collect)
 
-    report = sub.add_parser('report', parents=[common], help='table in MODEL_CARD.md, figures')
-    report.add_argument('--model-card', default=str(ROOT / 'MODEL_CARD.md'))
+    report = sub.add_parser('report', parents=[common], help=f'the tables in {STUDY_DOC}, the figures')
+    report.add_argument('--doc', default=str(ROOT / STUDY_DOC), help='the document with the table markers')
+    report.add_argument('--ablation', nargs='*', default=[str(ROOT / f) for f in ABLATION_RESULTS],
+                        help='results folders of the gate ablation, one table each')
+    report.add_argument('--ablation-plan', default=str(ROOT / 'recipes' / 'fmnist_gate_ablation.yaml'))
     report.add_argument('--docs', default=str(ROOT / 'docs'), help='where the PNGs go')
     report.add_argument('--check', action='store_true', help='exit 1 if the model card would change')
     report.add_argument('--gates', nargs='?', const='', metavar='MODEL_SPEC',
