@@ -99,7 +99,8 @@ def _load() -> bool:
         if library.is_file():
             torch.ops.load_library(str(library))  # a finished build of these sources: no lock, nothing to say
             return True
-        print(f'timm_denseres: building the CPU gate kernels into {build_dir} (once, about 15 s)', file=sys.stderr)
+        print(f'timm_denseres: building the CPU gate kernels into {build_dir} (once; 15-40 s on 2 cores)',
+              file=sys.stderr)
         with _torch_build_logs_quiet():
             cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=cflags,
                                extra_ldflags=['-fopenmp'], is_python_module=False, verbose=False)
