@@ -73,6 +73,40 @@ def _row(P, b, k, rows, C, c, mask_c):
 
 
 @triton.jit
+def _column(P, row_stride, b, k, C, c, mask_c, scale):
+    """Row k of sample b of a (B, rows, C) tensor (row_stride = rows * C) as a (BLOCK_C, 1) float32 column."""
+    return (tl.load(P + b * row_stride + k * C + c, mask=mask_c, other=0.0).to(tl.float32) * scale)[:, None]
+
+
+@triton.jit
+def _columns(P, row_stride, b, first, C, c, mask_c, scale, N: tl.constexpr):
+    """Rows first .. first + N - 1 (N <= 8) of sample b as columns (:func:`_column`), zeros in the slots past N."""
+    r0 = _column(P, row_stride, b, first, C, c, mask_c, scale)
+    r1 = r0 * 0.0
+    r2 = r1
+    r3 = r1
+    r4 = r1
+    r5 = r1
+    r6 = r1
+    r7 = r1
+    if N > 1:
+        r1 = _column(P, row_stride, b, first + 1, C, c, mask_c, scale)
+    if N > 2:
+        r2 = _column(P, row_stride, b, first + 2, C, c, mask_c, scale)
+    if N > 3:
+        r3 = _column(P, row_stride, b, first + 3, C, c, mask_c, scale)
+    if N > 4:
+        r4 = _column(P, row_stride, b, first + 4, C, c, mask_c, scale)
+    if N > 5:
+        r5 = _column(P, row_stride, b, first + 5, C, c, mask_c, scale)
+    if N > 6:
+        r6 = _column(P, row_stride, b, first + 6, C, c, mask_c, scale)
+    if N > 7:
+        r7 = _column(P, row_stride, b, first + 7, C, c, mask_c, scale)
+    return r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@triton.jit
 def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
                     A0, A1, A2, A3, A4, A5, A6, A7, C0, C1, C2, C3, C4, C5, C6, C7,
                     C, HW, inv_hw, N_IN: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -82,29 +116,8 @@ def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    v = _row(V, b, 0, 1, C, c, mask_c)[:, None]
-    w0 = _row(W, b, 0, N_IN, C, c, mask_c)[:, None]
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    w4 = w0
-    w5 = w0
-    w6 = w0
-    w7 = w0
-    if N_IN > 1:
-        w1 = _row(W, b, 1, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 2:
-        w2 = _row(W, b, 2, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 3:
-        w3 = _row(W, b, 3, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 4:
-        w4 = _row(W, b, 4, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 5:
-        w5 = _row(W, b, 5, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 6:
-        w6 = _row(W, b, 6, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 7:
-        w7 = _row(W, b, 7, N_IN, C, c, mask_c)[:, None]
+    v = _column(V, C, b, 0, C, c, mask_c, 1.0)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
     total = tl.full([BLOCK_C], 0.0, tl.float32)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
@@ -149,12 +162,6 @@ def _inbound_grad(g, A, GA, channels, w, grad_mean, b, c, hw, mask_hw, HW, REDUC
 
 
 @triton.jit
-def _mean_grad(GYM, stride, b, k, C, c, mask_c, inv_hw):
-    """Row k of the gate's input gradient (a mean's gradient), spread over H, W: (BLOCK_C, 1)."""
-    return (tl.load(GYM + b * stride + k * C + c, mask=mask_c, other=0.0).to(tl.float32) * inv_hw)[:, None]
-
-
-@triton.jit
 def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
                     A0, A1, A2, A3, A4, A5, A6, A7, GA0, GA1, GA2, GA3, GA4, GA5, GA6, GA7,
                     C0, C1, C2, C3, C4, C5, C6, C7,
@@ -170,58 +177,16 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    v = _row(V, b, 0, 1, C, c, mask_c)[:, None]
+    v = _column(V, C, b, 0, C, c, mask_c, 1.0)
     grad_mean = tl.full([BLOCK_C, 1], 0.0, tl.float32)
     if HAS_GM:  # the output mean's gradient, spread over H, W
-        grad_mean = (_row(GM, b, 0, 1, C, c, mask_c) * inv_hw)[:, None]
+        grad_mean = _column(GM, C, b, 0, C, c, mask_c, inv_hw)
     gm_y = tl.full([BLOCK_C, 1], 0.0, tl.float32)
-    gm0 = gm_y
-    gm1 = gm_y
-    gm2 = gm_y
-    gm3 = gm_y
-    gm4 = gm_y
-    gm5 = gm_y
-    gm6 = gm_y
-    gm7 = gm_y
+    gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7 = gm_y, gm_y, gm_y, gm_y, gm_y, gm_y, gm_y, gm_y
     if HAS_GYM:
-        gm_y = _mean_grad(GYM, gym_stride, b, 0, C, c, mask_c, inv_hw)
-        gm0 = _mean_grad(GYM, gym_stride, b, 1, C, c, mask_c, inv_hw)
-        if N_IN > 1:
-            gm1 = _mean_grad(GYM, gym_stride, b, 2, C, c, mask_c, inv_hw)
-        if N_IN > 2:
-            gm2 = _mean_grad(GYM, gym_stride, b, 3, C, c, mask_c, inv_hw)
-        if N_IN > 3:
-            gm3 = _mean_grad(GYM, gym_stride, b, 4, C, c, mask_c, inv_hw)
-        if N_IN > 4:
-            gm4 = _mean_grad(GYM, gym_stride, b, 5, C, c, mask_c, inv_hw)
-        if N_IN > 5:
-            gm5 = _mean_grad(GYM, gym_stride, b, 6, C, c, mask_c, inv_hw)
-        if N_IN > 6:
-            gm6 = _mean_grad(GYM, gym_stride, b, 7, C, c, mask_c, inv_hw)
-        if N_IN > 7:
-            gm7 = _mean_grad(GYM, gym_stride, b, 8, C, c, mask_c, inv_hw)
-    w0 = _row(W, b, 0, N_IN, C, c, mask_c)[:, None]
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    w4 = w0
-    w5 = w0
-    w6 = w0
-    w7 = w0
-    if N_IN > 1:
-        w1 = _row(W, b, 1, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 2:
-        w2 = _row(W, b, 2, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 3:
-        w3 = _row(W, b, 3, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 4:
-        w4 = _row(W, b, 4, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 5:
-        w5 = _row(W, b, 5, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 6:
-        w6 = _row(W, b, 6, N_IN, C, c, mask_c)[:, None]
-    if N_IN > 7:
-        w7 = _row(W, b, 7, N_IN, C, c, mask_c)[:, None]
+        gm_y = _columns(GYM, gym_stride, b, 0, C, c, mask_c, inv_hw, 1)[0]
+        gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7 = _columns(GYM, gym_stride, b, 1, C, c, mask_c, inv_hw, N_IN)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
     grad_v = tl.full([BLOCK_C], 0.0, tl.float32)
     gw0 = tl.full([BLOCK_C], 0.0, tl.float32)
     gw1 = gw0
