@@ -52,6 +52,13 @@ def _load_prepare_module():
 prepare = _load_prepare_module()
 
 
+@pytest.fixture(autouse=True)
+def many_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with more CPUs than any script's default workers, so the launcher adds no --workers (but in the
+    tests of that default)."""
+    monkeypatch.setattr(timm_scripts, 'available_cpus', lambda: 64)
+
+
 @pytest.fixture
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No TIMM_REPO, an empty cache under tmp_path, and a download URL that fails at once."""
@@ -257,6 +264,22 @@ def test_device_only_for_the_scripts_that_take_it() -> None:
     assert timm_scripts.default_args('onnx_validate', ['data', '--onnx-input', 'out.onnx']) == []
 
 
+def test_workers_default_to_the_cpus_the_machine_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader warns on every run when the workers (the scripts' defaults: 4 for train.py and validate.py, 2 for
+    inference.py and onnx_validate.py) outnumber the CPUs."""
+    monkeypatch.setattr(timm_scripts, 'available_cpus', lambda: 2)
+    assert timm_scripts.default_args('validate', ['data', '--model', 'resnet20']) == [*NO_CUDA, '--workers', '2']
+    assert timm_scripts.default_args('train', ['--model', 'resnet20']) == [*NO_CUDA, '--workers', '2']
+    assert timm_scripts.default_args('inference', ['data', '--model', 'resnet20']) == NO_CUDA  # 2 by default
+    for given in (['-j', '1'], ['--workers=3']):
+        assert timm_scripts.default_args('validate', ['data', '--model', 'resnet20', *given]) == NO_CUDA
+    recipe = ['--config', str(REPO_ROOT / 'recipes' / 'fashion_mnist.yaml')]  # it sets workers: 1
+    assert timm_scripts.default_args('train', recipe) == []
+    monkeypatch.setattr(timm_scripts, 'available_cpus', lambda: 1)
+    assert timm_scripts.default_args('onnx_validate', ['data']) == ['--workers', '1']
+    assert timm_scripts.default_args('benchmark', ['--model', 'resnet20']) == NO_CUDA  # it has no loader
+
+
 def test_input_size_for_the_scripts_without_in_chans() -> None:
     """benchmark.py and onnx_export.py take no --in-chans, and add the input size of a config.json (a list) to a
     tuple: a checkpoint's becomes --input-size, which the model's channels then follow (model_channels)."""
@@ -298,12 +321,47 @@ def test_dynamo_flag_left_out_where_torch_lacks_dynamo_export(capsys: pytest.Cap
     assert timm_scripts.fixed_args('validate', ['data', '--dynamo']) == ['data', '--dynamo']  # not ours to judge
 
 
+def test_checkpoint_of_other_classes_is_refused_in_one_line(tmp_path: Path) -> None:
+    ckpt = str(_train_checkpoint(tmp_path / 'last.pth.tar'))  # 3 classes
+    bare = tmp_path / 'bare.pth'
+    torch.save(torch.load(ckpt, weights_only=False)['state_dict'], bare)
+    for name in ('validate', 'inference', 'onnx_export'):
+        with pytest.raises(timm_scripts.ArgumentError, match=r'^--checkpoint .*last\.pth\.tar has 3 classes '
+                           r'\(fc\.weight\), the model 10 \(--num-classes 10\): pass --num-classes 3$'):
+            timm_scripts.check_args(name, ['data', '--checkpoint', ckpt, '--num-classes', '10',
+                                           '--model', 'denseresnet20_n4'])
+    arch_classes = timm.models.get_pretrained_cfg('denseresnet20_n4').num_classes
+    with pytest.raises(timm_scripts.ArgumentError, match=f"the model {arch_classes} \\(denseresnet20_n4's num_classes"):
+        timm_scripts.check_args('validate', ['data', '--checkpoint', str(bare), '--model', 'denseresnet20_n4'])
+    timm_scripts.check_args('validate', ['data', '--checkpoint', str(bare), '--model', 'denseresnet20_n4',
+                                         '--num-classes', '3'])
+    args = ['data', '--checkpoint', ckpt]  # a train.py checkpoint brings its class count
+    timm_scripts.check_args('validate', [*args, *timm_scripts.default_args('validate', args)])
+
+
+def test_main_exits_with_the_one_line(isolated_env: Path) -> None:
+    ckpt = str(_train_checkpoint(isolated_env / 'last.pth.tar'))
+    repo = _fake_checkout(isolated_env / 'repo', body='raise SystemExit("the script ran")\n')
+    with pytest.raises(SystemExit) as info:
+        timm_scripts.main('validate', ['data', '--checkpoint', ckpt, '--num-classes', '10', '--timm-repo', str(repo)])
+    assert str(info.value.code).startswith('error: --checkpoint ') and '\n' not in str(info.value.code)
+
+
 def test_a_module_timm_does_not_install_is_named(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = _fake_checkout(isolated_env / 'repo', body='import pandas\n')  # inference.py's first import of its own
     monkeypatch.setitem(sys.modules, 'pandas', None)  # as where pandas is not installed
     with pytest.raises(SystemExit) as info:
         timm_scripts.main('inference', ['data', '--timm-repo', str(repo)])
     assert info.value.code == "error: timm's inference.py needs pandas, which is not installed: pip install pandas"
+
+
+def test_data_with_more_classes_than_the_model_stops_with_both_counts() -> None:
+    with timm_scripts.dataset_fixes(outputs=(5, '--num-classes 5')):
+        with pytest.raises(timm_scripts.ArgumentError, match=r'^the data has 10 classes \(.*validation\), the model 5 '
+                           r'\(--num-classes 5\): pass --num-classes 10$'):
+            timm.data.create_dataset('', root=str(SAMPLE), split='validation')
+    with timm_scripts.dataset_fixes(outputs=(10, '--num-classes 10')):
+        assert len(timm.data.create_dataset('', root=str(SAMPLE), split='validation')) == 300
 
 
 def test_one_channel_images_are_read_in_mode_l() -> None:
@@ -374,7 +432,7 @@ def test_train_one_epoch_on_sample(tmp_path: Path) -> None:
     assert len(summary) == 2  # header + epoch 0
 
 
-# --- inference.py, benchmark.py, onnx_export.py, onnx_validate.py (need timm's scripts) ---
+# --- inference.py, benchmark.py, onnx_export.py, onnx_validate.py, and validate.py's errors (need timm's scripts) ---
 
 @needs_timm_repo
 @pytest.mark.timm_repo
@@ -437,6 +495,24 @@ def test_benchmark_of_a_folder_checkpoint() -> None:
     results = json.loads(result.stdout.split('--result\n', 1)[1])
     assert (results['infer_img_size'], results['param_count']) == (28, 0.35)
     assert 'input size (1, 28, 28)' in result.stdout + result.stderr
+
+
+@needs_timm_repo
+@pytest.mark.timm_repo
+def test_validate_quiet_and_its_errors_one_line(tmp_path: Path) -> None:
+    result = _launch('validate', str(SAMPLE), '--model', FMNIST20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"top1": 92.3333' in result.stdout and 'Warning' not in result.stderr  # no DataLoader worker warning
+
+    result = _launch('validate', str(SAMPLE), '--model', FMNIST20, '--num-classes', '5')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f'error: the data has 10 classes ({SAMPLE / "validation"}), the model 5 '
+                                              f'(--num-classes 5): pass --num-classes 10')
+    ckpt = _train_checkpoint(tmp_path / 'last.pth.tar')
+    result = _launch('validate', str(SAMPLE), '--checkpoint', str(ckpt), '--num-classes', '10')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == (f'error: --checkpoint {ckpt} has 3 classes (fc.weight), the model 10 '
+                                     f'(--num-classes 10): pass --num-classes 3')
 
 
 # --- Fashion-MNIST preparation and the committed sample ---

@@ -15,6 +15,7 @@ neither on the command line nor in a `--config` file, a few flags are added that
 wrong here (:func:`default_args`), each only to a script that takes it (:data:`SCRIPTS`):
 
 - `--device cpu` when CUDA is not available (the scripts default to `cuda` and stop with "Found no NVIDIA driver");
+- `--workers N` on a machine with N CPUs, fewer than the script's default (DataLoader warns on every run);
 - `--in-chans C` when the model's pretrained cfg (a tag, a `local-dir:` folder, a cached `hf-hub:` repo) has C != 3
   input channels: the scripts build a 3-channel model but take the input size, and so the image mode, from that cfg;
 - benchmark.py and onnx_export.py, which take no `--in-chans`: `--input-size C H W` of such a cfg, or of a
@@ -24,14 +25,16 @@ wrong here (:func:`default_args`), each only to a script that takes it (:data:`S
 - validate.py and inference.py with `--checkpoint` of a train.py run: the model, class count and data config
   (input size, mean/std, crop_pct, interpolation) of that run, read from the checkpoint.
 
-Before the script runs, onnx_export.py's `--dynamo` is left out on a torch without `torch.onnx.dynamo_export`,
-which it calls (:func:`fixed_args`): there (torch 2.9 and newer) `torch.onnx.export`, its default path, is already
-the torch.export-based exporter, the one that exports these models.
+Before the script runs, a `--checkpoint` whose classifier has another class count than the model is refused with
+the `--num-classes` to pass (:func:`check_args`), and onnx_export.py's `--dynamo` is left out on a torch without
+`torch.onnx.dynamo_export`, which it calls (:func:`fixed_args`): there (torch 2.9 and newer) `torch.onnx.export`,
+its default path, is already the torch.export-based exporter, the one that exports these models.
 
 While it runs, a few of timm's functions are swapped for ones that fix what the flags cannot (:func:`script_fixes`):
 
 - train.py: CPU DDP (:func:`allow_cpu_ddp`), and a dense model's gate telemetry, `gates.csv` beside its
   `summary.csv`, one set of rows per evaluated epoch (:class:`timm_denseres.gate_stats.GateTelemetry`);
+- validate.py: data with more classes than the model has outputs stops with both counts (not an IndexError);
 - benchmark.py and onnx_export.py build the model with 3 channels whatever `--input-size` says: it gets its channels;
 - inference.py and onnx_validate.py read images as RGB: for a 1-channel model they are read in mode L;
 - onnx_export.py: the input size as a tuple, the output's folder made; the ONNX file gets the model's data config
@@ -63,8 +66,8 @@ from .train_run import RunError, read_train_run, run_data_config, start_cfg
 # Importing anything from this module has already run timm_denseres/__init__.py, which registers the models
 # with timm's registry: that is all the scripts need to find them by name.
 
-__all__ = ['TimmScriptError', 'SCRIPTS', 'resolve_script', 'run_script', 'default_args', 'fixed_args',
-           'script_fixes', 'main', 'train_main', 'validate_main', 'inference_main',
+__all__ = ['TimmScriptError', 'ArgumentError', 'SCRIPTS', 'resolve_script', 'run_script', 'default_args',
+           'fixed_args', 'check_args', 'script_fixes', 'main', 'train_main', 'validate_main', 'inference_main',
            'benchmark_main', 'onnx_export_main', 'onnx_validate_main', 'unknown_recipe_keys']
 
 
@@ -72,15 +75,16 @@ class Script(NamedTuple):
     """What the defaults depend on in a timm script (its flags at timm 1.0.28)."""
     device: bool  # takes --device, which defaults to cuda
     in_chans: bool  # takes --in-chans (benchmark.py and onnx_export.py build 3 channels, whatever the input size)
+    workers: int  # the default of its -j/--workers; 0: it has none
 
 
 SCRIPTS: Dict[str, Script] = {
-    'train': Script(device=True, in_chans=True),
-    'validate': Script(device=True, in_chans=True),
-    'inference': Script(device=True, in_chans=True),
-    'benchmark': Script(device=True, in_chans=False),
-    'onnx_export': Script(device=False, in_chans=False),
-    'onnx_validate': Script(device=False, in_chans=False),  # no model: the ONNX file has the channels
+    'train': Script(device=True, in_chans=True, workers=4),
+    'validate': Script(device=True, in_chans=True, workers=4),
+    'inference': Script(device=True, in_chans=True, workers=2),
+    'benchmark': Script(device=True, in_chans=False, workers=0),
+    'onnx_export': Script(device=False, in_chans=False, workers=0),
+    'onnx_validate': Script(device=False, in_chans=False, workers=2),  # no model: the ONNX file has the channels
 }
 SCRIPT_NAMES = tuple(SCRIPTS)
 ONNX_CFG_KEY = 'timm_pretrained_cfg'
@@ -100,6 +104,10 @@ ENV_URL = 'TIMM_DENSERES_SCRIPTS_URL'
 
 class TimmScriptError(RuntimeError):
     """timm's script could not be found or fetched; the message says what to set."""
+
+
+class ArgumentError(TimmScriptError):
+    """The arguments do not fit the checkpoint or the data; the message says what to pass."""
 
 
 def cache_dir(version: str) -> Path:
@@ -253,6 +261,14 @@ def _chans(args: Sequence[str]) -> int:
         return 3  # the script reports a bad --in-chans
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on, as DataLoader counts them for its warning on too many workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on macOS or Windows
+        return os.cpu_count() or 1
+
+
 def _recipe(name: str, args: Sequence[str]) -> dict:
     """The keys of train.py's ``--config`` YAML (train.py reports a file it cannot read)."""
     path = _value(args, '-c', '--config') if name == 'train' else None
@@ -338,6 +354,9 @@ def default_args(name: str, args: Sequence[str]) -> List[str]:
     extra = []
     if script.device and not given('device', '--device') and not torch.cuda.is_available():
         extra += ['--device', 'cpu']
+    cpus = available_cpus()
+    if cpus < script.workers and not given('workers', '-j', '--workers'):
+        extra += ['--workers', str(cpus)]
     if name in ('validate', 'inference'):
         extra += _checkpoint_args(args, given)
     model = _value([*args, *extra], '--model', '-m') or recipe.get('model')
@@ -365,6 +384,40 @@ def fixed_args(name: str, args: Sequence[str]) -> List[str]:
               f'exporter here', file=sys.stderr)
         return [arg for arg in args if arg != '--dynamo']
     return list(args)
+
+
+def _model_outputs(args: Sequence[str]) -> Optional[Tuple[int, str]]:
+    """The class count the script's model will have, and where it comes from: --num-classes, else the cfg of
+    --model (None when unknown)."""
+    given = _value(args, '--num-classes')
+    if given:
+        return (int(given), f'--num-classes {given}') if given.isdigit() else None
+    model = _value(args, '--model', '-m')
+    try:
+        count = start_cfg(model)[1].get('num_classes') if model else None
+    except RunError:
+        return None
+    return (int(count), f"{model}'s num_classes") if count else None
+
+
+def check_args(name: str, args: Sequence[str]) -> None:
+    """Raise :class:`ArgumentError` for arguments that would end in a traceback of the script: a ``--checkpoint``
+    whose classifier has another class count than the model (timm's load raises a size mismatch)."""
+    path = _value(args, '--checkpoint')
+    if name not in ('validate', 'inference', 'onnx_export') or not path or not Path(path).is_file():
+        return
+    outputs = _model_outputs(args)
+    model = _value(args, '--model', '-m')
+    if outputs is None or not model:
+        return
+    try:
+        classifier = start_cfg(model)[1].get('classifier')
+        weight = read_train_run(Path(path)).state_dict.get(f'{classifier}.weight')
+    except RunError:
+        return  # the script says what is wrong with the model or the file
+    if weight is not None and weight.dim() > 0 and weight.shape[0] != outputs[0]:
+        raise ArgumentError(f'--checkpoint {path} has {weight.shape[0]} classes ({classifier}.weight), the model '
+                            f'{outputs[0]} ({outputs[1]}): pass --num-classes {weight.shape[0]}')
 
 
 def run_script(script: Path, args: Sequence[str]) -> None:
@@ -440,9 +493,11 @@ def model_channels(chans: int) -> Iterator[None]:
 
 
 @contextmanager
-def dataset_fixes(chans: int = 3) -> Iterator[None]:
+def dataset_fixes(chans: int = 3, outputs: Optional[Tuple[int, str]] = None) -> Iterator[None]:
     """``timm.data.create_dataset`` while a script runs: for a 1-channel model (``chans``) images are read in mode
-    L where the script does not say (inference.py and onnx_validate.py read RGB)."""
+    L where the script does not say (inference.py and onnx_validate.py read RGB); with ``outputs`` (the model's
+    class count and its source), data with more classes stops the run with both counts (validate.py raises an
+    IndexError in its loss otherwise)."""
     import timm.data
 
     create_dataset = timm.data.create_dataset
@@ -450,7 +505,14 @@ def dataset_fixes(chans: int = 3) -> Iterator[None]:
     def create(*args, **kwargs):
         if chans == 1:
             kwargs.setdefault('input_img_mode', 'L')
-        return create_dataset(*args, **kwargs)
+        dataset = create_dataset(*args, **kwargs)
+        reader = getattr(dataset, 'reader', None)
+        classes = getattr(reader, 'class_to_idx', None)
+        if outputs and classes and len(classes) > outputs[0]:
+            root = getattr(reader, 'root', kwargs.get('root'))
+            raise ArgumentError(f'the data has {len(classes)} classes ({root}), the model {outputs[0]} '
+                                f'({outputs[1]}): pass --num-classes {len(classes)}')
+        return dataset
 
     with _swapped((timm.data, 'create_dataset', create)):
         yield
@@ -542,6 +604,8 @@ def script_fixes(name: str, args: Sequence[str]) -> Iterator[None]:
         if name == 'train':
             allow_cpu_ddp()
             stack.enter_context(gate_telemetry())
+        elif name == 'validate':
+            stack.enter_context(dataset_fixes(outputs=_model_outputs(args)))
         elif name == 'inference':
             stack.enter_context(dataset_fixes(chans=_chans(args)))
         elif name in ('benchmark', 'onnx_export'):
@@ -564,9 +628,10 @@ def main(name: str, args: Optional[Sequence[str]] = None) -> None:
         script = resolve_script(name, repo)
         rest = fixed_args(name, rest)
         rest += default_args(name, rest)
+        check_args(name, rest)
         with script_fixes(name, rest):
             run_script(script, rest)
-    except TimmScriptError as e:
+    except TimmScriptError as e:  # ArgumentError too, raised before or while the script runs
         sys.exit(f'error: {e}')
     except ModuleNotFoundError as e:
         if e.name not in EXTRA_MODULES:
