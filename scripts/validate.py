@@ -5,8 +5,9 @@
 
 A checkpoint folder brings its data config (config.json); a train.py checkpoint its run's (model, classes, input
 size, mean/std). Flags the scripts' defaults get wrong here (--device cpu without CUDA, --in-chans of a 1-channel
-checkpoint) are added unless given: see timm_denseres/timm_scripts.py, which also says where validate.py comes
-from (--timm-repo / TIMM_REPO / download cache), and docs/fine_tune.md.
+checkpoint, --workers on a machine with fewer CPUs) are added unless given, and a checkpoint or data with another
+class count than the model stops with the --num-classes to pass: see timm_denseres/timm_scripts.py, which also
+says where validate.py comes from (--timm-repo / TIMM_REPO / download cache), and docs/fine_tune.md.
 """
 from timm_denseres.timm_scripts import validate_main  # importing timm_denseres registers the models
 

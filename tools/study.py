@@ -3,7 +3,7 @@
     python tools/study.py run denseresnet20_n4 --seed 0                  # train + validate + copy the records
     python tools/study.py run denseresnet20_n4 --seed 0 --variant-name init3 --model-kwargs gate_init_logit=3.0
     python tools/study.py run denseresnet20_n4 --seed 0 --resume         # go on from a stopped run's last.pth.tar
-    python tools/study.py plan recipes/fmnist_gate_ablation.yaml --seeds 0 1 2 --jobs 2   # many runs, N at once
+    python tools/study.py plan tools/plans/fmnist_gate_ablation.yaml --seeds 0 1 2 --jobs 2   # many runs, N at once
     python tools/study.py collect runs/study/*                           # copy the records of finished runs
     python tools/study.py report                                         # tables in docs/fmnist_study.md, figures
     python tools/study.py report --check                                 # exit 1 if those tables are stale
@@ -598,7 +598,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.add_argument('--doc', default=str(ROOT / STUDY_DOC), help='the document with the table markers')
     report.add_argument('--ablation', nargs='*', default=[str(ROOT / f) for f in ABLATION_RESULTS],
                         help='results folders of the gate ablation, one table each')
-    report.add_argument('--ablation-plan', default=str(ROOT / 'recipes' / 'fmnist_gate_ablation.yaml'))
+    report.add_argument('--ablation-plan', default=str(ROOT / 'tools' / 'plans' / 'fmnist_gate_ablation.yaml'))
     report.add_argument('--docs', default=str(ROOT / 'docs'), help='where the PNGs go')
     report.add_argument('--check', action='store_true', help='exit 1 if the model card would change')
     report.add_argument('--gates', nargs='?', const='', metavar='MODEL_SPEC',

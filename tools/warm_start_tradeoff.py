@@ -6,7 +6,8 @@ A warm start sets every gate to v = sigmoid(L), all softmax weight but ~e^-L on 
 
 - the start: max |logit difference| between DenseResNet-34 N=6 warm-started from a ResNet-34 and that ResNet-34;
 - trainability: how far the gate outputs (mean v, mean w) move in 20 fine-tuning steps of DenseResNet-110 N=4
-  warm-started from a ResNet-110, with timm's optimizer factory (SGD as in the recipes; AdamW);
+  warm-started from a ResNet-110, with timm's optimizer factory (SGD as in the recipes; AdamW), for each
+  gate_logit_scale (the start does not depend on it: the warm start divides the logit by it);
 
 and, at the default L, how close DenseMobileNetV2 N=4 warm-started from a MobileNetV2 starts (not exact: the 7
 blocks where MobileNetV2 has no skip keep their shortcut).
@@ -44,9 +45,9 @@ def random_base(name: str, seed: int, **kwargs) -> nn.Module:
     return model.eval()
 
 
-def warm(dense_name: str, base: nn.Module, logit: float) -> nn.Module:
+def warm(dense_name: str, base: nn.Module, logit: float, scale: float = 1.0) -> nn.Module:
     torch.manual_seed(0)
-    dense = timm.create_model(dense_name)
+    dense = timm.create_model(dense_name, gate_logit_scale=scale)
     dense.load_state_dict(warm_start_state_dict(base.state_dict(), dense, logit))
     return dense.eval()
 
@@ -66,13 +67,14 @@ def gate_outputs(model: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, float], D
     return stats.v_mean(), stats.w_mean()
 
 
-def gate_movement(logits: List[float], opt: str, lr: float, steps: int) -> Dict[float, Tuple[float, float]]:
+def gate_movement(logits: List[float], opt: str, lr: float, steps: int,
+                  scale: float) -> Dict[float, Tuple[float, float]]:
     base = random_base('resnet110.fmnist', seed=0, zero_init_last=False)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     out = {}
     for L in logits:
-        dense = warm('denseresnet110_n4.fmnist', base, L)
+        dense = warm('denseresnet110_n4.fmnist', base, L, scale)
         v0, w0 = gate_outputs(dense, x[:16])
         optimizer = create_optimizer_v2(dense, opt, lr=lr, weight_decay=5e-4 if opt == 'sgd' else 0.05, momentum=0.9)
         dense.train()
@@ -105,18 +107,20 @@ def main() -> None:
     parser.add_argument('--logits', type=float, nargs='+', default=[4.0, 6.0, 10.0, WARM_START_GATE_LOGIT, 30.0])
     parser.add_argument('--size', type=int, default=224, help='input size of the ResNet-34 comparison')
     parser.add_argument('--steps', type=int, default=20)
+    parser.add_argument('--scales', type=float, nargs='+', default=[1.0, 10.0], help='gate_logit_scale values')
     args = parser.parse_args()
     torch.set_num_threads(1)
     start, scale = start_difference(args.logits, args.size)
-    sgd = gate_movement(args.logits, 'sgd', 0.05, args.steps)
-    adamw = gate_movement(args.logits, 'adamw', 1e-3, args.steps)
-    print(f'| gate logit L | start: max abs logit diff vs ResNet-34 ({args.size} px) '
+    print(f'| gate logit L | gate_logit_scale | start: max abs logit diff vs ResNet-34 ({args.size} px) '
           f'| {args.steps} SGD steps (lr 0.05): mean v / w move '
           f'| {args.steps} AdamW steps (lr 1e-3): mean v / w move |')
-    print('|---|---|---|---|')
-    for L in args.logits:
-        print(f'| {L:g}{" (default)" if L == WARM_START_GATE_LOGIT else ""} | {start[L]:.1e} '
-              f'| {sgd[L][0]:.1e} / {sgd[L][1]:.1e} | {adamw[L][0]:.1e} / {adamw[L][1]:.1e} |')
+    print('|---|---|---|---|---|')
+    for gate_scale in args.scales:
+        sgd = gate_movement(args.logits, 'sgd', 0.05, args.steps, gate_scale)
+        adamw = gate_movement(args.logits, 'adamw', 1e-3, args.steps, gate_scale)
+        for L in args.logits:
+            print(f'| {L:g}{" (default)" if L == WARM_START_GATE_LOGIT else ""} | {gate_scale:g} | {start[L]:.1e} '
+                  f'| {sgd[L][0]:.1e} / {sgd[L][1]:.1e} | {adamw[L][0]:.1e} / {adamw[L][1]:.1e} |', flush=True)
     print(f'\nLargest ResNet-34 logit (abs) in the start comparison: {scale:.2f}')
     if 'densemobilenetv2_n4' in timm.list_models('densemobilenetv2*'):
         c = mobilenet_closeness(args.size)
