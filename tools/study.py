@@ -127,9 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return cmd_collect(argparse.Namespace(run_dirs=[str(run_dir)], results=args.results))
 
 
-def plan_runs(plan: dict, seeds: List[int], arms: Optional[List[str]] = None) -> List[Tuple[str, str, List[str], int]]:
-    """(model, variant, model kwargs, seed) of every run in a plan (of ``arms`` only, in their order, if given),
-    seed by seed."""
+def plan_runs(plan: dict, seeds: List[int],
+              arms: Optional[List[str]] = None) -> List[Tuple[str, str, List[str], int, Optional[int]]]:
+    """(model, variant, model kwargs, seed, epochs or None) of every run in a plan (of ``arms`` only, in their
+    order, if given), seed by seed."""
     unknown = sorted(set(arms or []) - set(plan['arms']))
     if unknown:
         sys.exit(f'error: no arm {", ".join(unknown)} in the plan')
@@ -140,7 +141,7 @@ def plan_runs(plan: dict, seeds: List[int], arms: Optional[List[str]] = None) ->
             model = spec['model']
             if arm != model and not arm.startswith(model + '-'):
                 sys.exit(f'error: arm {arm!r} must be named {model} or {model}-VARIANT')
-            runs.append((model, arm[len(model) + 1:], list(spec.get('model_kwargs', [])), seed))
+            runs.append((model, arm[len(model) + 1:], list(spec.get('model_kwargs', [])), seed, spec.get('epochs')))
     return runs
 
 
@@ -152,13 +153,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     logs = ROOT / args.output / 'logs'
     logs.mkdir(parents=True, exist_ok=True)
     pending = []
-    for model, variant, kwargs, seed in plan_runs(plan, args.seeds, args.arms):
+    for model, variant, kwargs, seed, arm_epochs in plan_runs(plan, args.seeds, args.arms):
         name = f'{model}{"-" + variant if variant else ""}-s{seed}'
         if all((results / name / record).is_file() for record in RECORDS):
             continue
         command = [sys.executable, 'tools/study.py', 'run', model, '--seed', str(seed), '--results', str(results),
                    '--output', args.output, '--data-dir', args.data_dir, '--threads', str(args.threads),
-                   '--device', args.device, '--epochs', str(args.epochs or plan.get('epochs') or recipe()['epochs'])]
+                   '--device', args.device,
+                   '--epochs', str(args.epochs or arm_epochs or plan.get('epochs') or recipe()['epochs'])]
         command += (['--variant-name', variant] if variant else []) + (['--model-kwargs', *kwargs] if kwargs else [])
         if (ROOT / args.output / name / 'last.pth.tar').is_file():
             command.append('--resume')
@@ -577,7 +579,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser('plan', help="every run of a plan (a YAML of arms) that has no records yet")
-    plan.add_argument('plan', help='YAML: results (folder), epochs (optional), arms: {name: {model, model_kwargs}}')
+    plan.add_argument('plan', help='YAML: results (folder), epochs (optional), arms: {name: {model, model_kwargs, '
+                      'epochs (optional)}}')
     plan.add_argument('--results', help="default: the plan's")
     plan.add_argument('--seeds', type=int, nargs='+', default=[0])
     plan.add_argument('--arms', nargs='+', help="only these arms, in this order (default: the plan's)")
