@@ -353,11 +353,18 @@ def test_identity_gates_with_resnet34_weights_give_resnet34_logits():
     assert (ref - out).abs().max().item() < 1e-5 * max(ref.abs().max().item(), 1.0)
 
 
-def test_gate_init_logit_starts_every_gate_at_the_shortcut():
-    model = timm.create_model('test_denseresnet', gate_init_logit=3.0)
+@pytest.mark.parametrize('scale', [1.0, 10.0])
+def test_gate_init_logit_starts_every_gate_at_the_shortcut(scale):
+    """fc2 holds the logits divided by the scale: the starting logits, and so v and w, do not depend on it."""
+    model = timm.create_model('test_denseresnet', gate_init_logit=3.0, gate_logit_scale=scale)
+    x = torch.randn(2, 3, 16, 16)
+    with record_gates(model.eval()) as stats, torch.no_grad():
+        model(x)
     for block in model.dense_blocks():
-        bias = block.gate.fc2.bias.view(-1, block.gate.channels)
-        assert torch.all(block.gate.fc2.weight == 0) and torch.all(bias[:2] == 3.0) and torch.all(bias[2:] == 0)
+        bias = block.gate.fc2.bias.view(-1, block.gate.channels) * scale
+        assert torch.all(block.gate.fc2.weight == 0) and torch.allclose(bias[:2], torch.full_like(bias[:2], 3.0))
+        assert torch.all(bias[2:] == 0)
+    assert all(v == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=1e-6) for v in stats.v_mean().values())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_onnxruntime_logits_equal_pytorch(name: str, tmp_path) -> None:
         expected = model(x).numpy()
     assert logits.shape == expected.shape == (3, model.num_classes)
     assert np.abs(logits - expected).max() < TOLERANCE
-    assert expected.std() > 0.1  # logits that differ between images: the check is not a trivial one
+    assert expected.std(0).max() > 10 * TOLERANCE  # logits that differ between images: not a trivial check
 
     cfg, read_chans = timm_scripts.read_onnx_cfg(str(path))
     assert read_chans == chans

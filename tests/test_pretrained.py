@@ -124,11 +124,13 @@ def published(tmp_path_factory) -> Dict[str, Any]:
                       train_command='python scripts/train.py --config recipes/fashion_mnist.yaml')
     sha256 = P.sha256_file(folder / P.WEIGHTS_FILE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(P.PUBLISHED, FM, P.Published('fmnist', sha256))
+        config = json.loads((folder / 'config.json').read_text())
+        scale = config['model_args']['gate_logit_scale']  # the export records the weights' gate scale
+        mp.setitem(P.PUBLISHED, FM, P.Published('fmnist', sha256, scale))
         staged = H.publish(folder, dry_run=True, staging_dir=tmp / 'stage')
         x = _input((2, 1, 28, 28))
         yield dict(tmp=tmp, folder=folder, staged=staged, x=x, ema_logits=_logits(ema, x),
-                   model_logits=_logits(model, x), sha256=sha256)
+                   model_logits=_logits(model, x), sha256=sha256, gate_logit_scale=scale)
 
 
 @pytest.fixture
@@ -155,7 +157,7 @@ spec = importlib.util.spec_from_file_location('timm_denseres.pretrained', cfg['p
 P = importlib.util.module_from_spec(spec)
 sys.modules['timm_denseres.pretrained'] = P
 spec.loader.exec_module(P)
-P.PUBLISHED[cfg['new']] = P.Published('fmnist', cfg['new_sha256'])
+P.PUBLISHED[cfg['new']] = P.Published('fmnist', cfg['new_sha256'], cfg['gate_logit_scale'])
 import timm, torch
 import timm_denseres
 
@@ -167,7 +169,8 @@ def logits(key, name, x, **kwargs):
         model = timm.create_model(name, pretrained=True, **kwargs).eval()
         with torch.no_grad():
             tensors[key] = model(x)
-        gates = [m.fc2.bias.view(-1, m.channels)[0, 0].item() for n, m in model.named_modules() if n.endswith('.gate')]
+        gates = [round(m.fc2.bias.view(-1, m.channels)[0, 0].item() * m.logit_scale, 4)  # v's logit
+                 for n, m in model.named_modules() if n.endswith('.gate')]
         results[key] = {'ok': True, 'v_logits': sorted(set(gates))}
     except Exception as e:
         results[key] = {'error': f'{type(e).__name__}: {e}'}
@@ -180,13 +183,13 @@ def error(key, fn):
         results[key] = {'error': f'{type(e).__name__}: {e}'}
 
 routes = {'tag': cfg['name'], 'hf_hub': 'hf-hub:' + cfg['repo_id'], 'local_dir': 'local-dir:' + cfg['staged']}
-P.PUBLISHED[cfg['name']] = P.Published('fmnist', cfg['sha256'])
+P.PUBLISHED[cfg['name']] = P.Published('fmnist', cfg['sha256'], cfg['gate_logit_scale'])  # the line export prints
 for route, name in routes.items():
     logits(route, name, inputs['fm'])
-P.PUBLISHED[cfg['name']] = P.Published('fmnist', '0' * 64)
+P.PUBLISHED[cfg['name']] = P.Published('fmnist', '0' * 64, cfg['gate_logit_scale'])
 for route, name in routes.items():
     logits('bad_sum_' + route, name, inputs['fm'])
-P.PUBLISHED[cfg['name']] = P.Published('fmnist', cfg['sha256'])
+P.PUBLISHED[cfg['name']] = P.Published('fmnist', cfg['sha256'], cfg['gate_logit_scale'])
 logits('new', cfg['new'], inputs['fm'])
 new_cfg = timm.models.get_pretrained_cfg(cfg['new']).to_dict()
 results['new_cfg'] = {k: new_cfg[k] for k in ('hf_hub_id', 'input_size', 'pool_size', 'mean', 'label_names')}
@@ -229,11 +232,13 @@ def offline_run(published, tmp_path_factory) -> Dict[str, Any]:
         base_logits['warm_mnv2'] = _logits(mnv2, x_in)
     # a checkpoint that is not in PUBLISHED yet: the subprocess adds its line
     new = _random_model('denseresnet20_n2', seed=8, num_classes=10, in_chans=1)
-    save_for_hf(new, tmp / 'new', safe_serialization=True)
+    save_for_hf(new, tmp / 'new', safe_serialization=True,  # as the export writes it: with the gates' scale
+                model_args={'gate_logit_scale': new.gate_logit_scale})
     fill_hf_cache(cache, P.hub_repo_id(NEW), tmp / 'new')
     base_logits['new'] = _logits(new, published['x'])
     torch.save({'fm': published['x'], 'in': x_in}, tmp / 'inputs.pt')
     cfg = dict(name=FM, repo_id=FM_REPO, staged=str(published['staged']), sha256=published['sha256'], warm=WARM,
+               gate_logit_scale=published['gate_logit_scale'],
                new=NEW, new_sha256=P.sha256_file(tmp / 'new' / P.WEIGHTS_FILE),
                pretrained_py=str(REPO_ROOT / 'timm_denseres' / 'pretrained.py'),
                mnv2_warm=MNV2_WARM if HAS_MNV2_WARM else None, inputs=str(tmp / 'inputs.pt'), out=str(tmp / 'out.pt'))
@@ -801,3 +806,21 @@ def test_a_checkpoint_with_the_models_channels_logs_no_conversion(caplog):
     assert 'Loading pretrained weights' in caplog.text and 'Converted input conv' not in caplog.text
     rgb = timm.create_model(f'local-dir:{folder}', pretrained=True, in_chans=3)
     torch.testing.assert_close(rgb.conv1.weight.sum(1, keepdim=True), gray.conv1.weight)
+
+
+def test_checkpoints_keep_the_gate_scale_they_were_trained_with(tmp_path):
+    """The registered DenseResNets now train their gates at gate_logit_scale 10; a checkpoint made before (a
+    config.json without the key, as the bundled ones) loads at scale 1, one that records its scale at that scale,
+    and asking for another scale with its weights is refused."""
+    assert timm.create_model('denseresnet20_n4').gate_logit_scale == 10.0
+    bundled = REPO_ROOT / 'weights' / 'denseresnet20_n4.fmnist'
+    assert 'gate_logit_scale' not in (json.loads((bundled / 'config.json').read_text()).get('model_args') or {})
+    assert timm.create_model(f'local-dir:{bundled}', pretrained=True).gate_logit_scale == 1.0
+    with pytest.raises(ValueError, match='trained with gate_logit_scale=1'):
+        timm.create_model(f'local-dir:{bundled}', pretrained=True, gate_logit_scale=10.0)
+    model = _random_model('denseresnet20_n4', seed=3, num_classes=10, in_chans=1, gate_logit_scale=4.0)
+    model.pretrained_cfg = P.with_data_config(model.pretrained_cfg, P.FASHION_MNIST)
+    E.write_folder(model, tmp_path / 'denseresnet20_n4.mine', {'gate_logit_scale': model.gate_logit_scale})
+    loaded = timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.mine"}', pretrained=True).eval()
+    x = _input((2, 1, 28, 28))
+    assert loaded.gate_logit_scale == 4.0 and torch.equal(_logits(loaded, x), _logits(model, x))

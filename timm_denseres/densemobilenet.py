@@ -276,7 +276,9 @@ def _make_gate(block: DenseMobileBlock, valid: List[int], reduction: int, logit_
 def _create_densemobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> DenseMobileNetV2:
     stages = kwargs.get('stages', MOBILENETV2_STAGES)
     feature_levels = 1 + sum(1 for _, _, _, stride in stages if stride > 1)  # one per resolution, the stem's too
-    return build_model_with_pretrained(DenseMobileNetV2, variant, pretrained, feature_levels=feature_levels, **kwargs)
+    # the gates keep scale 1 by default (the ablation ran on DenseResNets); a checkpoint keeps its own
+    return build_model_with_pretrained(DenseMobileNetV2, variant, pretrained, feature_levels=feature_levels,
+                                       dense_defaults={}, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -296,9 +296,17 @@ def _make_gate(block: DenseBasicBlock, valid: List[int], reduction: int, act_lay
                      logit_scale=logit_scale, **dd)
 
 
+# The registered DenseResNets' gates: learning 100x as fast as at scale 1 under SGD, and every branch starting
+# from its random init (the winner of the gate ablation, docs/fmnist_study.md). Checkpoints keep the scale they
+# were trained with.
+DENSE_DEFAULTS = dict(gate_logit_scale=10.0, zero_init_last=False)
+
+
 def _create_denseresnet(variant: str, pretrained: bool = False, **kwargs) -> DenseResNet:
     feature_levels = len(kwargs.get('layers', (3, 4, 6, 3))) + 1  # the stem and one per stage
-    return build_model_with_pretrained(DenseResNet, variant, pretrained, feature_levels=feature_levels, **kwargs)
+    dense_defaults = DENSE_DEFAULTS if kwargs.get('dense_n', 6) > 0 else None
+    return build_model_with_pretrained(DenseResNet, variant, pretrained, feature_levels=feature_levels,
+                                       dense_defaults=dense_defaults, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

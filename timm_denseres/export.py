@@ -324,6 +324,8 @@ def export(
 
     folder = Path(out_dir) / name
     _prepare_folder(folder, overwrite)
+    if getattr(model, 'dense_n', 0):  # the weights' gates need their scale; a later default must not replace it
+        model_args = dict(model_args, gate_logit_scale=model.gate_logit_scale)
     sha256 = write_folder(model, folder, model_args)
     card = model_card(name, model, sha256, run.weights_key, run.args, dataset, repo_id, top1, top5, train_command,
                       eval_command)
@@ -365,7 +367,9 @@ def export_from_args(args: Namespace, out_dir: Path, repo_id: Optional[str], ove
 
 def _next_steps(folder: Path) -> List[str]:
     name = folder.name
-    sha256 = json.loads((folder / 'config.json').read_text())[CONFIG_SHA256_KEY]
+    config = json.loads((folder / 'config.json').read_text())
+    sha256 = config[CONFIG_SHA256_KEY]
+    scale = (config.get('model_args') or {}).get('gate_logit_scale', 1.0)
     lines = [f'wrote {folder}: ' + ', '.join(sorted(p.name for p in folder.iterdir())),
              f'sha256({WEIGHTS_FILE}) = {sha256} (recorded in its config.json)',
              f"load it: timm.create_model('local-dir:{folder}', pretrained=True)"]
@@ -376,7 +380,8 @@ def _next_steps(folder: Path) -> List[str]:
     if dataset is not None or recorded is not None:
         lines += [('replace its line' if recorded else 'add this line')
                   + ' in PUBLISHED (timm_denseres/pretrained.py) to publish it as the project\'s checkpoint:',
-                  f"    '{name}': Published('{recorded.dataset if recorded else dataset}', '{sha256}'),"]
+                  f"    '{name}': Published('{recorded.dataset if recorded else dataset}', '{sha256}'"
+                  + (f', gate_logit_scale={scale!r})' if scale != 1.0 else ')') + ',']
     else:
         lines.append(f'publish it: python scripts/publish.py {folder} --repo-id YOUR-ORG/{name}')
     return lines

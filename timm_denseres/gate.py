@@ -54,12 +54,23 @@ def mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: List[torch.
 @register_notrace_module  # its shape test is python control flow; keep it a leaf for torch.fx
 class GateConv(nn.Conv2d):
     """The gate's 1x1 convolution (the parameters of an ``nn.Conv2d``) applied to pooled (B, C) vectors, where it
-    is a matrix product."""
+    is a matrix product; its output times ``output_scale`` (fc2's: the gate's logit scale), in that product."""
+
+    def __init__(self, *args, output_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.output_scale = float(output_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.output_scale
         if x.dim() == 2:
-            return F.linear(x, self.weight.flatten(1), self.bias)
-        return self._conv_forward(x, self.weight, self.bias)
+            if scale == 1.0:
+                return F.linear(x, self.weight.flatten(1), self.bias)
+            bias = self.bias
+            if bias is None:
+                return torch.mm(x, self.weight.flatten(1).t()) * scale
+            return torch.addmm(bias, x, self.weight.flatten(1).t(), beta=scale, alpha=scale)
+        out = self._conv_forward(x, self.weight, self.bias)
+        return out if scale == 1.0 else out * scale
 
 
 @register_notrace_module  # its batch-size check is data dependent; keep it a leaf for torch.fx
@@ -176,26 +187,34 @@ class DenseGate(nn.Module):
         assert logit_scale > 0, f'logit_scale must be positive, got {logit_scale}'
         self.channels = channels
         self.num_inbounds = num_inbounds
-        self.logit_scale = float(logit_scale)
         hidden = gate_hidden_channels(channels, reduction)
         width = (num_inbounds + 1) * channels
         self.fc1 = GateConv(width, hidden, 1, bias=False, **dd)
         self.bn = GateBatchNorm(hidden, **dd)
         self.act = act_layer(inplace=True)
-        self.fc2 = GateConv(hidden, width, 1, bias=True, **dd)
+        self.fc2 = GateConv(hidden, width, 1, bias=True, output_scale=logit_scale, **dd)
         self.weights = GateWeights(channels, valid_channels)
         self.out_act = nn.Identity() if out_act is None else out_act
         # called as observer(gate, v, w) with every (v, w) computed in eager mode, on either path; not state
         self.observer: Optional[Callable[['DenseGate', torch.Tensor, torch.Tensor], None]] = None
 
+    __jit_unused_properties__ = ['logit_scale']
+
+    @property
+    def logit_scale(self) -> float:
+        """fc2's output scale (:class:`GateConv`), which every path applies to the logits."""
+        return self.fc2.output_scale
+
+    @logit_scale.setter
+    def logit_scale(self, value: float) -> None:
+        assert value > 0, f'logit_scale must be positive, got {value}'
+        self.fc2.output_scale = float(value)
+
     def mixing_weights(self, y: torch.Tensor, means: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(v, w) through the gate's modules: v (B, C), w (B, n, C), from y and the inbounds' means (B, C) (an
         inbound narrower than y has its mean zero-padded)."""
         g = torch.cat([y.mean((2, 3))] + means, dim=1)
-        logits = self.fc2(self.act(self.bn(self.fc1(g))))
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        return self.weights(logits)
+        return self.weights(self.fc2(self.act(self.bn(self.fc1(g)))))  # fc2 scales its output
 
     def forward(
             self, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[torch.Tensor], y_mixed: torch.Tensor,

@@ -101,9 +101,11 @@ DATASETS: Dict[str, Dataset] = {
 
 
 class Published(NamedTuple):
-    """A checkpoint of the project: what it was trained on and the checksum of its weights."""
+    """A checkpoint of the project: what it was trained on, the checksum of its weights, and the gates' logit scale
+    it was trained with (which the weights need: fc2's values are the logits divided by it)."""
     dataset: str  # a key of DATASETS
     sha256: str  # of its model.safetensors
+    gate_logit_scale: float = 1.0
 
 
 PUBLISHED: Dict[str, Published] = {
@@ -617,11 +619,43 @@ def _no_channel_conversion_log() -> Iterator[None]:
         log.removeFilter(drop)
 
 
+GATE_SCALE_BEFORE_THE_LEVER = 1.0  # what every checkpoint made before gate_logit_scale existed was trained with
+
+
+def recorded_gate_scale(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]] = None) -> Optional[float]:
+    """The gate_logit_scale the weights of a pretrained cfg were trained with: a checkpoint folder's config.json
+    (model_args) or the PUBLISHED line of a tag; None for weights without gates (warm starts, timm's)."""
+    name = checkpoint_name(cfg)
+    if name in WARM_STARTS:
+        return None
+    config_path = _config_path(cfg, cache_dir)
+    if config_path is not None and config_path.is_file():
+        model_args = json.loads(config_path.read_text()).get('model_args') or {}
+        return float(model_args.get('gate_logit_scale', GATE_SCALE_BEFORE_THE_LEVER))
+    return PUBLISHED[name].gate_logit_scale if name in PUBLISHED else None
+
+
+def with_dense_defaults(name: str, cfg: Dict[str, Any], pretrained: bool, kwargs: Dict[str, Any],
+                        defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """A dense model's keyword arguments: ``defaults`` where not given, and with pretrained weights the gate logit
+    scale they were trained with (a different one asked for explicitly is refused: the weights would mean other
+    gates)."""
+    recorded = recorded_gate_scale(cfg, kwargs.get('cache_dir')) if pretrained else None
+    if recorded is not None:
+        asked = kwargs.get('gate_logit_scale', recorded)
+        if float(asked) != recorded:
+            raise ValueError(f'the pretrained weights of {name} were trained with gate_logit_scale={recorded:g}; '
+                             f'gate_logit_scale={asked:g} would change what they compute. Leave it out.')
+        kwargs = dict(kwargs, gate_logit_scale=recorded)
+    return dict(defaults, **kwargs)
+
+
 def build_model_with_pretrained(
         model_cls: Union[Type[nn.Module], Callable[..., nn.Module]],
         variant: str,
         pretrained: bool = False,
         feature_levels: Optional[int] = None,
+        dense_defaults: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` with checked pretrained loading (see the module docstring).
@@ -631,6 +665,8 @@ def build_model_with_pretrained(
             ``pretrained_cfg_overlay``, ``cache_dir``, ``feature_cfg``, model kwargs).
         feature_levels: the model's feature_info length: ``features_only`` then wraps ``forward_intermediates``
             (timm's 'getter') and takes every level by default.
+        dense_defaults: a dense model's defaults for the gates (:func:`with_dense_defaults`); None for a model
+            without gates.
 
     Keyword Args:
         gate_logit (float): gate logit of a warm start (default ``WARM_START_GATE_LOGIT``); only with a
@@ -648,6 +684,8 @@ def build_model_with_pretrained(
     if gate_logit is not None and not (pretrained and name in WARM_STARTS):
         raise ValueError(f'gate_logit is for warm-start tags with pretrained=True ({", ".join(WARM_STARTS)}); '
                          f'{name} with pretrained={pretrained} has no gates to set.')
+    if dense_defaults is not None:
+        kwargs = with_dense_defaults(name, cfg, pretrained, kwargs, dense_defaults)
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
