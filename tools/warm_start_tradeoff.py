@@ -1,6 +1,6 @@
 """The warm-start gate logit trade-off: how exactly the dense model starts as its base, and how fast its gates move.
 
-    python tools/warm_start_tradeoff.py              # ~1-2 min on one CPU core
+    python tools/warm_start_tradeoff.py --scales 1 10   # a few minutes on one CPU core
 
 A warm start sets every gate to v = sigmoid(L), all softmax weight but ~e^-L on the shortcut. For each L it prints
 
