@@ -202,3 +202,18 @@ def test_a_cpu_run_without_the_interpreter_never_imports_triton_kernels():
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'False'
+
+
+def test_a_model_compiles_in_one_graph_where_the_kernels_are_available():
+    """torch.compile on the CUDA path: the compiled graph takes the formula (inductor fuses it) and has no graph
+    break (fullgraph=True raises at one), with the same numbers as the kernels in eager mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomise(timm.create_model('test_denseresnet', num_classes=10), seed=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = launches() if 'timm_denseres._triton_kernels' in sys.modules else 0
+    with torch.no_grad():
+        eager = model(x)
+        assert launches() > before  # the eager forward ran the kernels
+        compiled = torch.compile(model, backend='eager', fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
