@@ -1,4 +1,5 @@
-"""Draw the paper's Fig. 4 for a checkpoint: mean w_ik per block and offset over an image folder.
+"""Draw the paper's Fig. 4 for a checkpoint: mean w_ik per block and offset over an image folder, and say how far
+its gates are from a freshly created model's (the same architecture and gate scale, untrained) on the same images.
 
     python scripts/plot_gates.py --model local-dir:weights/denseresnet110_n4.fmnist \
         --data-dir data/fashion-mnist --split validation --out output/gates_denseresnet110_n4_fmnist.png
@@ -13,7 +14,23 @@ from tqdm import tqdm
 import timm_denseres  # noqa: F401  registers the models
 from timm_denseres.evaluate import make_loader
 from timm_denseres.gate_figure import plot_gate_weights
-from timm_denseres.gate_stats import record_gates
+from timm_denseres.gate_stats import dense_gates, mix_shift, record_gates
+
+
+def mean_mix(model: torch.nn.Module, loader) -> dict:
+    with torch.no_grad(), record_gates(model) as stats:
+        for images, _ in tqdm(loader, desc='gates', unit='batch'):
+            model(images)
+    return stats.w_mean()
+
+
+def fresh_like(model: torch.nn.Module) -> torch.nn.Module:
+    """The untrained model a checkpoint started from, as far as the defaults go: its architecture, classes, input
+    channels and gate scale."""
+    cfg = model.pretrained_cfg
+    scale = next(iter(dense_gates(model).values())).logit_scale
+    return timm.create_model(cfg['architecture'], num_classes=model.num_classes, in_chans=cfg['input_size'][0],
+                             gate_logit_scale=scale).eval()
 
 
 def main() -> None:
@@ -27,11 +44,11 @@ def main() -> None:
 
     model = timm.create_model(args.model, pretrained=True).eval()
     loader = make_loader(model, args.data_dir, args.split, batch_size=args.batch_size)
-    with torch.no_grad(), record_gates(model) as stats:
-        for images, _ in tqdm(loader, desc='gates', unit='batch'):
-            model(images)
-    plot_gate_weights(stats.w_mean(), args.out, title=f'{Path(args.model).name}: mean w_ik over {args.split}')
+    w = mean_mix(model, loader)
+    plot_gate_weights(w, args.out, title=f'{Path(args.model).name}: mean w_ik over {args.split}')
     print(f'wrote {args.out}')
+    shift = mix_shift(w, mean_mix(fresh_like(model), loader))
+    print(f'mean |w - w of a fresh {model.pretrained_cfg["architecture"]}| over blocks and inbounds: {shift:.4f}')
 
 
 if __name__ == '__main__':

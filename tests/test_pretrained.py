@@ -12,6 +12,7 @@ Weights are random (BatchNorm statistics randomized so that no block is triviall
 live in tmp dirs. The checksum of such a file is put into ``PUBLISHED`` by the test itself.
 """
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -824,3 +825,29 @@ def test_checkpoints_keep_the_gate_scale_they_were_trained_with(tmp_path):
     loaded = timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.mine"}', pretrained=True).eval()
     x = _input((2, 1, 28, 28))
     assert loaded.gate_logit_scale == 4.0 and torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_plot_gates_says_how_far_a_checkpoints_gates_are_from_a_fresh_models(tmp_path):
+    """scripts/plot_gates.py compares the checkpoint's mean mixing weights with those of an untrained model of the
+    same architecture and gate scale. With fc2's weight at zero (the default start) a gate's mix is exactly what
+    its bias gives (start_mix), so the expected distance is known without data."""
+    from timm_denseres.gate_stats import dense_gates, mix_shift, start_mix
+    fresh = timm.create_model('denseresnet20_n4', num_classes=10, in_chans=1, gate_logit_scale=4.0).eval()
+    moved = copy.deepcopy(fresh)
+    with torch.no_grad():
+        for k, gate in enumerate(dense_gates(moved).values()):
+            gate.fc2.bias.view(gate.num_inbounds + 1, gate.channels)[1] -= 0.1 * (k % 3)  # the shortcut's logits
+    expected = mix_shift({b: start_mix(g) for b, g in dense_gates(moved).items()},
+                         {b: start_mix(g) for b, g in dense_gates(fresh).items()})
+    assert expected > 0.01
+    moved.pretrained_cfg = P.with_data_config(moved.pretrained_cfg, P.FASHION_MNIST)
+    E.write_folder(moved, tmp_path / 'denseresnet20_n4.moved', {'gate_logit_scale': 4.0})
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'scripts' / 'plot_gates.py'), '--model',
+         f'local-dir:{tmp_path / "denseresnet20_n4.moved"}', '--data-dir', str(SAMPLE), '--out',
+         str(tmp_path / 'gates.png')], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / 'gates.png').stat().st_size > 0
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith('mean |w - w of a fresh denseresnet20_n4| over blocks and inbounds: ')
+    assert abs(float(line.rsplit(' ', 1)[1]) - expected) < 1e-4, (line, expected)
