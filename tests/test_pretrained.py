@@ -811,10 +811,10 @@ def test_a_checkpoint_with_the_models_channels_logs_no_conversion(caplog):
 
 def test_checkpoints_keep_the_gate_scale_they_were_trained_with(tmp_path):
     """The registered DenseResNets now train their gates at gate_logit_scale 10; a checkpoint made before (a
-    config.json without the key, as the bundled ones) loads at scale 1, one that records its scale at that scale,
-    and asking for another scale with its weights is refused."""
+    config.json without the key, as the bundled denseresnet110_n4.fmnist) loads at scale 1, one that records its
+    scale at that scale, and asking for another scale with its weights is refused."""
     assert timm.create_model('denseresnet20_n4').gate_logit_scale == 10.0
-    bundled = REPO_ROOT / 'weights' / 'denseresnet20_n4.fmnist'
+    bundled = REPO_ROOT / 'weights' / 'denseresnet110_n4.fmnist'
     assert 'gate_logit_scale' not in (json.loads((bundled / 'config.json').read_text()).get('model_args') or {})
     assert timm.create_model(f'local-dir:{bundled}', pretrained=True).gate_logit_scale == 1.0
     with pytest.raises(ValueError, match='trained with gate_logit_scale=1'):

@@ -303,3 +303,37 @@ def test_report_writes_the_ablation_table_per_results_folder(workspace, tmp_path
     assert rows['`denseresnet20_n4-init3`'][2] == f'{dense[0]:.2f} / {dense[1]:.2f} (seeds 0,1)'
     diffs = [a - b for a, b in zip(dense, base)]
     assert rows['`denseresnet20_n4-init3`'][4] == f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} pp (n=2)'
+
+
+def _shortened(results: Path, run: str, new_run: str, epochs: int) -> None:
+    """A copy of a run's records under another arm name, cut to its first ``epochs`` epochs."""
+    shutil.copytree(results / run, results / new_run)
+    summary = results / new_run / 'summary.csv'
+    summary.write_text(''.join(summary.read_text().splitlines(keepends=True)[:epochs + 1]))
+    timing = json.loads((results / new_run / 'timing.json').read_text())
+    (results / new_run / 'timing.json').write_text(json.dumps({**timing, 'epochs': epochs}))
+
+
+def test_report_puts_the_default_studys_pairs_in_their_own_tables(workspace, tmp_path):
+    """The arms of the study plan go between the default-table markers, one table per depth and schedule, each
+    dense arm against the ResNet arm of its schedule; the other runs stay in the study table."""
+    results, card, docs = workspace
+    card.write_text(CARD + '\n<!-- default-table:start -->\n<!-- default-table:end -->\n')
+    _shortened(results, 'resnet20-s0', 'resnet20-short-s0', 2)
+    _shortened(results, 'denseresnet20_n4-init3-s0', 'denseresnet20_n4-init3-short-s0', 2)
+    plan = tmp_path / 'plan.yaml'
+    plan.write_text('results: x\narms:\n  resnet20: {model: resnet20}\n'
+                    '  denseresnet20_n4-init3: {model: denseresnet20_n4}\n'
+                    '  resnet20-short: {model: resnet20, epochs: 2}\n'
+                    '  denseresnet20_n4-init3-short: {model: denseresnet20_n4, epochs: 2}\n')
+    assert _report(results, card, docs, '--study-plan', str(plan)) == 0
+    study_part, default_part = card.read_text().split('<!-- default-table:start -->')
+    assert '`denseresnet20_n4` top-1' in study_part and '`resnet20` top-1' not in study_part
+    assert '`resnet20` top-1' not in study_part.split(START)[1]
+    tables = default_part.split('**Depth 20**')[1:]
+    assert [t.split(' epochs;')[0].strip(' (') for t in tables] == ['2', '3']
+    short = _top1(results, 'denseresnet20_n4-init3-short-s0') - _top1(results, 'resnet20-short-s0')
+    assert f'| 0 | {_top1(results, "resnet20-short-s0"):.2f} % |' in tables[0]
+    assert f'| {short:+.2f} pp |' in tables[0] and '`resnet20-short` top-1' in tables[0]
+    assert '`resnet20` top-1' in tables[1] and '`denseresnet20_n4-init3` − `resnet20`' in tables[1]
+    assert (docs / study.DEFAULT_CURVES_PNG).read_bytes().startswith(PNG_SIGNATURE)

@@ -40,6 +40,8 @@ RECORDS = ('args.yaml', 'summary.csv', 'validate.json', 'timing.json')
 TELEMETRY = 'gates.csv'  # written by a dense model's run (timm_denseres.gate_stats.GateTelemetry)
 RESULTS = ROOT / 'results' / 'fmnist_study'
 CURVES_PNG = 'study_curves_fmnist.png'
+DEFAULT_CURVES_PNG = 'study_curves_fmnist_default.png'
+STUDY_PLAN = 'tools/plans/fmnist_study.yaml'  # the study under the models' defaults: its arms get their own tables
 STUDY_DOC = 'docs/fmnist_study.md'
 ABLATION_RESULTS = ('results/fmnist_gate_ablation', 'results/fmnist_gate_ablation_cpu')
 WIDTH = 116  # the model card's line length
@@ -315,6 +317,14 @@ def by_depth(runs: List[Run]) -> Dict[int, Dict[str, Dict[int, Run]]]:
     return groups
 
 
+def by_schedule(runs: List[Run]) -> Dict[Tuple[int, int], Dict[str, Dict[int, Run]]]:
+    """{(depth, epochs): {arm: {seed: run}}}, the ResNet arm first: the pairs of the study under the defaults."""
+    groups: Dict[Tuple[int, int], Dict[str, Dict[int, Run]]] = {}
+    for run in sorted(runs, key=lambda r: (r.depth, len(r.test_error), not r.arm.startswith('resnet'), r.arm, r.seed)):
+        groups.setdefault((run.depth, len(run.test_error)), {}).setdefault(run.arm, {})[run.seed] = run
+    return groups
+
+
 def mean_std(values: List[float], signed: bool = False, unit: str = '') -> str:
     sign = '+' if signed else ''
     if len(values) < 2:  # a sample std needs two values
@@ -371,12 +381,16 @@ def telemetry_table(runs: List[Run]) -> List[str]:
     return rows if len(rows) > 2 else []
 
 
-def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '') -> str:
-    """The study's tables and figures (``figures``: the folder of the PNGs, relative to the document)."""
-    lines = [textwrap.fill(paper_line(), WIDTH), '']
+def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '', by_epochs: bool = False,
+                curves: str = CURVES_PNG) -> str:
+    """The study's tables and figures (``figures``: the folder of the PNGs, relative to the document); one table
+    per depth, or per depth and number of epochs (``by_epochs``)."""
+    lines = [textwrap.fill(paper_line(), WIDTH), ''] if not by_epochs else []
     if not runs:
         lines.append('No finished runs in `results/fmnist_study/` yet.')
-    for depth, arms in by_depth(runs).items():
+    groups = by_schedule(runs) if by_epochs else by_depth(runs)
+    for key, arms in groups.items():
+        depth = key[0] if by_epochs else key
         epochs = sorted({len(r.test_error) for seeds in arms.values() for r in seeds.values()})
         caption = (f'**Depth {depth}** ({"/".join(map(str, epochs))} epochs; top-1 of the final-epoch weights on '
                    'all 10 000 test images; pp: percentage points; s per epoch: wall time of train.py per epoch, '
@@ -386,7 +400,7 @@ def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '') -> s
         if telemetry:
             lines += ['Gate telemetry at the final epoch (`gates.csv` of each run):', '', *telemetry, '']
     if runs:
-        lines.append(f'![test error per epoch, mean and min-max over seeds]({figures}{CURVES_PNG})')
+        lines.append(f'![test error per epoch, mean and min-max over seeds]({figures}{curves})')
     for name, record in gates.items():
         caption = (f"Mean gate weights w_ik per block and offset (the paper's Fig. 4) of `{name}` over the "
                    f"`{record['split']}` split ({record['images']} images), recorded in "
@@ -450,24 +464,26 @@ def replace_block(text: str, block: str, path: Path, name: str = 'study-table') 
 
 # ---- report: figures ---------------------------------------------------------------------------------------------
 
-def plot_curves(runs: List[Run], path: Path) -> None:
-    """Test error per epoch, mean line and min-max band over seeds per arm, one panel per depth (Fig. 3/5)."""
+def plot_curves(runs: List[Run], path: Path, by_epochs: bool = False) -> None:
+    """Test error per epoch, mean line and min-max band over seeds per arm, one panel per depth (Fig. 3/5), or per
+    depth and number of epochs."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    groups = by_depth(runs)
+    groups = by_schedule(runs) if by_epochs else by_depth(runs)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.0 * len(groups), 3.8), squeeze=False)
-    for ax, (depth, arms) in zip(axes[0], groups.items()):
+    for ax, (key, arms) in zip(axes[0], groups.items()):
         for arm, seeds in arms.items():
             length = min(len(r.test_error) for r in seeds.values())
             errors = np.array([r.test_error[:length] for r in seeds.values()])
             epochs = np.arange(1, length + 1)
             ax.plot(epochs, errors.mean(0), marker='o', markersize=3, label=f'{arm} (n={len(errors)})')
             ax.fill_between(epochs, errors.min(0), errors.max(0), alpha=0.2)
-        ax.set_title(f'Fashion-MNIST, depth {depth}', fontsize=10)
+        ax.set_title(f'Fashion-MNIST, depth {key[0]}, {key[1]} epochs' if by_epochs else
+                     f'Fashion-MNIST, depth {key}', fontsize=10)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel('test top-1 error (%)')
@@ -517,6 +533,11 @@ def record_gate_json(args: argparse.Namespace) -> Path:
     return path
 
 
+def _arm(run_name: str) -> str:
+    match = RUN_NAME.match(run_name)
+    return match['arm'] if match else run_name
+
+
 def gate_records(results: Path) -> Dict[str, dict]:
     return {p.stem[len('gates_'):]: json.loads(p.read_text()) for p in sorted(results.glob('gates_*.json'))}
 
@@ -530,10 +551,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.exit(f'error: no results folder {results}')
     runs, gates = load_runs(results), gate_records(results)
     figures = os.path.relpath(docs, doc.parent)
-    block = study_block(runs, gates, '' if figures == '.' else figures + '/')
-    print(block)
+    figures = '' if figures == '.' else figures + '/'
     text = doc.read_text()
+    plan_arms = set(yaml.safe_load(Path(args.study_plan).read_text())['arms'])
+    in_plan = '<!-- default-table:start -->' in text
+    default_runs = [r for r in runs if r.arm in plan_arms] if in_plan else []
+    default_gates = {n: g for n, g in gates.items() if in_plan and _arm(n) in plan_arms}
+    runs = [r for r in runs if r not in default_runs]
+    gates = {n: g for n, g in gates.items() if n not in default_gates}
+    block = study_block(runs, gates, figures)
+    print(block)
     new_text = replace_block(text, block, doc)
+    if in_plan:
+        default_block = study_block(default_runs, default_gates, figures, by_epochs=True, curves=DEFAULT_CURVES_PNG)
+        print(default_block)
+        new_text = replace_block(new_text, default_block, doc, 'default-table')
     if '<!-- ablation-table:start -->' in text:
         plan = yaml.safe_load(Path(args.ablation_plan).read_text())
         ablation = ablation_block(plan, [Path(folder) for folder in args.ablation])
@@ -551,7 +583,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     if runs:
         plot_curves(runs, docs / CURVES_PNG)
-    for name, record in gates.items():
+    if default_runs:
+        plot_curves(default_runs, docs / DEFAULT_CURVES_PNG, by_epochs=True)
+    for name, record in {**gates, **default_gates}.items():
         plot_gate_weights(record['w_mean'], str(docs / f'study_gates_{name}.png'),
                           title=f'{name}: mean w_ik over {record["split"]} ({record["images"]} images)')
     return 0
@@ -602,6 +636,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.add_argument('--ablation', nargs='*', default=[str(ROOT / f) for f in ABLATION_RESULTS],
                         help='results folders of the gate ablation, one table each')
     report.add_argument('--ablation-plan', default=str(ROOT / 'tools' / 'plans' / 'fmnist_gate_ablation.yaml'))
+    report.add_argument('--study-plan', default=str(ROOT / STUDY_PLAN),
+                        help="the plan of the study under the defaults: its arms' runs go between the document's "
+                        "default-table markers, where it has them")
     report.add_argument('--docs', default=str(ROOT / 'docs'), help='where the PNGs go')
     report.add_argument('--check', action='store_true', help='exit 1 if the model card would change')
     report.add_argument('--gates', nargs='?', const='', metavar='MODEL_SPEC',
