@@ -55,7 +55,8 @@ def workspace(tmp_path):
 
 
 def _report(results, card, docs, *extra):
-    return study.main(['report', '--results', str(results), '--doc', str(card), '--docs', str(docs), *extra])
+    return study.main(['report', '--results', str(results), '--doc', str(card), '--docs', str(docs),
+                       '--card', str(card.parent / 'SUMMARY.md'), *extra])
 
 
 def _top1(results: Path, run: str) -> float:
@@ -293,7 +294,7 @@ def test_report_writes_the_ablation_table_per_results_folder(workspace, tmp_path
                     '  denseresnet20_n4-init3: {model: denseresnet20_n4, model_kwargs: [gate_init_logit=3.0]}\n'
                     '  denseresnet20_n4-gone: {model: denseresnet20_n4}\n')
     assert study.main(['report', '--results', str(results), '--doc', str(card), '--docs', str(docs),
-                       '--ablation', str(results), '--ablation-plan', str(plan)]) == 0
+                       '--card', str(tmp_path / 'SUMMARY.md'), '--ablation', str(results), '--ablation-plan', str(plan)]) == 0
     block = card.read_text().split('<!-- ablation-table:start -->')[1]
     rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in block.splitlines() if line.startswith('| `')}
     assert list(rows) == ['`resnet20`', '`denseresnet20_n4-init3`']  # plan order; an arm without runs left out
@@ -337,3 +338,25 @@ def test_report_puts_the_default_studys_pairs_in_their_own_tables(workspace, tmp
     assert f'| {short:+.2f} pp |' in tables[0] and '`resnet20-short` top-1' in tables[0]
     assert '`resnet20` top-1' in tables[1] and '`denseresnet20_n4-init3` − `resnet20`' in tables[1]
     assert (docs / study.DEFAULT_CURVES_PNG).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_report_writes_the_studys_summary_into_the_model_card(workspace, tmp_path):
+    results, card, docs = workspace
+    summary = card.parent / 'SUMMARY.md'
+    summary.write_text('# Card\n\n<!-- study-summary:start -->\n<!-- study-summary:end -->\n\nEnd.\n')
+    plan = tmp_path / 'plan.yaml'
+    plan.write_text('results: x\narms:\n  resnet20: {model: resnet20}\n'
+                    '  denseresnet20_n4-init3: {model: denseresnet20_n4}\n')
+    assert _report(results, card, docs, '--study-plan', str(plan)) == 0
+    base, dense = ([_top1(results, f'{arm}-s{seed}') for seed in (0, 1)]
+                   for arm in ('resnet20', 'denseresnet20_n4-init3'))
+    diffs = [d - b for d, b in zip(dense, base)]
+    row = [line for line in summary.read_text().splitlines() if line.startswith('| 20, 3 |')]
+    assert row == [f'| 20, 3 | {statistics.mean(base):.2f} ± {statistics.stdev(base):.2f} % (n=2) | '
+                   f'{statistics.mean(dense):.2f} ± {statistics.stdev(dense):.2f} % (n=2) | '
+                   f'{diffs[0]:+.2f} (s0), {diffs[1]:+.2f} (s1) | '
+                   f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} pp (n=2) | – |']
+    assert summary.read_text().endswith('<!-- study-summary:end -->\n\nEnd.\n')
+    assert _report(results, card, docs, '--study-plan', str(plan), '--check') == 0
+    summary.write_text(summary.read_text().replace('(s0)', '(s9)'))
+    assert _report(results, card, docs, '--study-plan', str(plan), '--check') == 1

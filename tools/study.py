@@ -410,6 +410,29 @@ def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '', by_e
     return '\n'.join(lines).rstrip('\n')
 
 
+def summary_block(runs: List[Run]) -> str:
+    """One row per depth and schedule of the study under the defaults, for the model card: each arm's mean ± std,
+    the paired differences per seed and their mean ± std, and how far the dense arm's gates moved."""
+    head = ['depth, epochs', 'ResNet top-1', 'DenseResNet top-1', 'Dense − ResNet per seed', 'Dense − ResNet',
+            'gates moved (w, mean)']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for (depth, epochs), arms in by_schedule(runs).items():
+        names = list(arms)
+        if len(names) != 2 or not names[0].startswith('resnet'):
+            continue
+        base, dense = arms[names[0]], arms[names[1]]
+        seeds = sorted(set(base) & set(dense))
+        diffs = [dense[s].top1 - base[s].top1 for s in seeds]
+        moved = [r.gates['w_moved'] for r in dense.values() if r.gates]
+        lines.append('| ' + ' | '.join([
+            f'{depth}, {epochs}', mean_std([r.top1 for r in base.values()], unit=' %'),
+            mean_std([r.top1 for r in dense.values()], unit=' %'),
+            ', '.join(f'{d:+.2f} (s{s})' for s, d in zip(seeds, diffs)) or '–',
+            mean_std(diffs, signed=True, unit=' pp') if diffs else '–',
+            f'{statistics.mean(moved):.3f}' if moved else '–']) + ' |')
+    return '\n'.join(lines) if len(lines) > 2 else 'No finished pair of the study under the defaults yet.'
+
+
 def _kwargs_text(kwargs: List[str]) -> str:
     return ', '.join(f'`{kv}`' for kv in kwargs) or 'the defaults'
 
@@ -554,11 +577,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     figures = '' if figures == '.' else figures + '/'
     text = doc.read_text()
     plan_arms = set(yaml.safe_load(Path(args.study_plan).read_text())['arms'])
-    in_plan = '<!-- default-table:start -->' in text
-    default_runs = [r for r in runs if r.arm in plan_arms] if in_plan else []
+    in_plan = '<!-- default-table:start -->' in text  # else the plan's runs stay in the study's tables
+    default_runs = [r for r in runs if r.arm in plan_arms]
     default_gates = {n: g for n, g in gates.items() if in_plan and _arm(n) in plan_arms}
-    runs = [r for r in runs if r not in default_runs]
-    gates = {n: g for n, g in gates.items() if n not in default_gates}
+    if in_plan:
+        runs = [r for r in runs if r not in default_runs]
+        gates = {n: g for n, g in gates.items() if n not in default_gates}
     block = study_block(runs, gates, figures)
     print(block)
     new_text = replace_block(text, block, doc)
@@ -566,24 +590,31 @@ def cmd_report(args: argparse.Namespace) -> int:
         default_block = study_block(default_runs, default_gates, figures, by_epochs=True, curves=DEFAULT_CURVES_PNG)
         print(default_block)
         new_text = replace_block(new_text, default_block, doc, 'default-table')
+    card = Path(args.card)
+    card_text = card.read_text() if card.is_file() else ''
+    new_card_text = card_text
+    if '<!-- study-summary:start -->' in card_text:
+        new_card_text = replace_block(card_text, summary_block(default_runs), card, 'study-summary')
     if '<!-- ablation-table:start -->' in text:
         plan = yaml.safe_load(Path(args.ablation_plan).read_text())
         ablation = ablation_block(plan, [Path(folder) for folder in args.ablation])
         print(ablation)
         new_text = replace_block(new_text, ablation, doc, 'ablation-table')
+    stale = [path for path, old, new in ((doc, text, new_text), (card, card_text, new_card_text)) if old != new]
     if args.check:
-        if new_text != text:
-            print(f'{doc} is out of date: run `python tools/study.py report`', file=sys.stderr)
-            return 1
-        return 0
+        for path in stale:
+            print(f'{path} is out of date: run `python tools/study.py report`', file=sys.stderr)
+        return 1 if stale else 0
     if new_text != text:
         doc.write_text(new_text)
+    if new_card_text != card_text:
+        card.write_text(new_card_text)
     from timm_denseres.gate_figure import plot_gate_weights
 
     docs.mkdir(parents=True, exist_ok=True)
     if runs:
         plot_curves(runs, docs / CURVES_PNG)
-    if default_runs:
+    if in_plan and default_runs:
         plot_curves(default_runs, docs / DEFAULT_CURVES_PNG, by_epochs=True)
     for name, record in {**gates, **default_gates}.items():
         plot_gate_weights(record['w_mean'], str(docs / f'study_gates_{name}.png'),
@@ -639,8 +670,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.add_argument('--study-plan', default=str(ROOT / STUDY_PLAN),
                         help="the plan of the study under the defaults: its arms' runs go between the document's "
                         "default-table markers, where it has them")
+    report.add_argument('--card', default=str(ROOT / 'MODEL_CARD.md'),
+                        help="the model card: the study's summary goes between its study-summary markers")
     report.add_argument('--docs', default=str(ROOT / 'docs'), help='where the PNGs go')
-    report.add_argument('--check', action='store_true', help='exit 1 if the model card would change')
+    report.add_argument('--check', action='store_true', help='exit 1 if the documents would change')
     report.add_argument('--gates', nargs='?', const='', metavar='MODEL_SPEC',
                         help='record gate weights of a pretrained model spec (or of --checkpoint)')
     report.add_argument('--checkpoint', help="a train.py checkpoint (last.pth.tar); needs --model")
