@@ -14,6 +14,7 @@ live in tmp dirs. The checksum of such a file is put into ``PUBLISHED`` by the t
 import argparse
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -816,9 +817,12 @@ def test_checkpoints_keep_the_gate_scale_they_were_trained_with(tmp_path):
     assert timm.create_model('denseresnet20_n4').gate_logit_scale == 10.0
     bundled = REPO_ROOT / 'weights' / 'denseresnet110_n4.fmnist'
     assert 'gate_logit_scale' not in (json.loads((bundled / 'config.json').read_text()).get('model_args') or {})
-    assert timm.create_model(f'local-dir:{bundled}', pretrained=True).gate_logit_scale == 1.0
+    old = _random_model('denseresnet20_n4', seed=2, num_classes=10, in_chans=1, gate_logit_scale=1.0)
+    old.pretrained_cfg = P.with_data_config(old.pretrained_cfg, P.FASHION_MNIST)
+    E.write_folder(old, tmp_path / 'denseresnet20_n4.old', {})  # a config.json without the key
+    assert timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.old"}', pretrained=True).gate_logit_scale == 1.0
     with pytest.raises(ValueError, match='trained with gate_logit_scale=1'):
-        timm.create_model(f'local-dir:{bundled}', pretrained=True, gate_logit_scale=10.0)
+        timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.old"}', pretrained=True, gate_logit_scale=10.0)
     model = _random_model('denseresnet20_n4', seed=3, num_classes=10, in_chans=1, gate_logit_scale=4.0)
     model.pretrained_cfg = P.with_data_config(model.pretrained_cfg, P.FASHION_MNIST)
     E.write_folder(model, tmp_path / 'denseresnet20_n4.mine', {'gate_logit_scale': model.gate_logit_scale})
@@ -851,3 +855,19 @@ def test_plot_gates_says_how_far_a_checkpoints_gates_are_from_a_fresh_models(tmp
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith('mean |w - w of a fresh denseresnet20_n4| over blocks and inbounds: ')
     assert abs(float(line.rsplit(' ', 1)[1]) - expected) < 1e-4, (line, expected)
+
+
+@pytest.mark.parametrize('name', ['denseresnet20_n4.fmnist', 'denseresnet56_n4.fmnist'])
+def test_the_bundled_checkpoints_of_the_default_have_gates_that_learned(name):
+    """Trained at the default gate scale, their mean mixing weights on the bundled sample are at least 0.05 from an
+    untrained model's, on average over blocks and inbounds (what scripts/plot_gates.py prints)."""
+    from timm_denseres.evaluate import make_loader
+    from timm_denseres.gate_stats import mix_shift
+    spec = importlib.util.spec_from_file_location('plot_gates', REPO_ROOT / 'scripts' / 'plot_gates.py')
+    plot_gates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_gates)
+    model = timm.create_model(f'local-dir:{REPO_ROOT / "weights" / name}', pretrained=True).eval()
+    assert model.gate_logit_scale == 10.0
+    loader = make_loader(model, str(SAMPLE), 'validation', batch_size=100)
+    fresh = plot_gates.fresh_like(model)
+    assert mix_shift(plot_gates.mean_mix(model, loader), plot_gates.mean_mix(fresh, loader)) >= 0.05

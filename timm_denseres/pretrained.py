@@ -114,9 +114,11 @@ PUBLISHED: Dict[str, Published] = {
     'resnet110.fmnist': Published('fmnist', '9b2bd7baa38e440e9c461f12dbb50a58850873e2f9538f295b5c7406d08d11bc'),
     'denseresnet110_n4.fmnist': Published('fmnist', '04867ca154254823b7d177c0d7825bb452eccdd5c20a5b26c598562a072dd242'),
     'resnet20.fmnist': Published('fmnist', 'e98e005c1f5b147edc16d656a67733a87e13fb23910ef7ccd4114a9f93ae3ccc'),
-    'denseresnet20_n4.fmnist': Published('fmnist', '4d3423bff8c6a31332b0a9efd36d769acbed8146a9b12235042848b936cc9cd3'),
+    'denseresnet20_n4.fmnist': Published(
+        'fmnist', '48b7961ac736e7498a4712bc723aef2677d704b05acf08b7fe21203a5904daec', gate_logit_scale=10.0),
     'resnet56.fmnist': Published('fmnist', 'c2f9b7b92b4a43da48617ce1c6ae9d5c883a4404462d13d085341200894d8cdc'),
-    'denseresnet56_n4.fmnist': Published('fmnist', 'c2c92f7b8f0e2085712df2492a5f4723055d8040590d01cdb9913b97fc89351c'),
+    'denseresnet56_n4.fmnist': Published(
+        'fmnist', 'cad4773b04091236f9a99d40436dd13a6db1c90ebca2d35ad57ce0a1348e67f6', gate_logit_scale=10.0),
 }
 """The published checkpoints: their tagged cfgs are made from this table, and each load checks the sha256."""
 

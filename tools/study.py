@@ -320,7 +320,8 @@ def by_depth(runs: List[Run]) -> Dict[int, Dict[str, Dict[int, Run]]]:
 def by_schedule(runs: List[Run]) -> Dict[Tuple[int, int], Dict[str, Dict[int, Run]]]:
     """{(depth, epochs): {arm: {seed: run}}}, the ResNet arm first: the pairs of the study under the defaults."""
     groups: Dict[Tuple[int, int], Dict[str, Dict[int, Run]]] = {}
-    for run in sorted(runs, key=lambda r: (r.depth, len(r.test_error), not r.arm.startswith('resnet'), r.arm, r.seed)):
+    for run in sorted(runs, key=lambda r: (r.depth, len(r.test_error), not r.arm.startswith('resnet'), r.arm,
+                                           r.seed)):
         groups.setdefault((run.depth, len(run.test_error)), {}).setdefault(run.arm, {})[run.seed] = run
     return groups
 
