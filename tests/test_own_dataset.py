@@ -68,7 +68,9 @@ def _result(stdout: str) -> Dict:
 def chain(tmp_path_factory) -> Dict[str, object]:
     root = tmp_path_factory.mktemp('own')
     _image_folder(root / 'data')
-    start = timm.create_model('denseresnet20_n4', num_classes=10, in_chans=1)
+    # at gate scale 1, as checkpoints made before the scale became 10: the run keeps it (config.json without a
+    # scale means 1)
+    start = timm.create_model('denseresnet20_n4', num_classes=10, in_chans=1, gate_logit_scale=1.0)
     start.pretrained_cfg = P.with_data_config(start.pretrained_cfg, P.FASHION_MNIST)
     write_folder(start, root / START, {})  # a checkpoint folder, as exported (weights + config.json)
 
@@ -102,6 +104,7 @@ def test_export_resolves_the_folders_architecture_and_takes_the_runs_data(chain)
     assert (tuple(cfg['input_size']), tuple(cfg['mean']), cfg['crop_pct']) == ((1, 28, 28), (0.2860,), 1.0)
     config = json.loads((folder / 'config.json').read_text())
     assert config[P.CONFIG_SHA256_KEY] == P.sha256_file(folder / P.WEIGHTS_FILE)
+    assert config['model_args']['gate_logit_scale'] == 1.0 and model.gate_logit_scale == 1.0  # START's
 
 
 def test_validate_the_exported_folder_as_train_py_did(chain) -> None:

@@ -823,6 +823,15 @@ def test_checkpoints_keep_the_gate_scale_they_were_trained_with(tmp_path):
     assert timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.old"}', pretrained=True).gate_logit_scale == 1.0
     with pytest.raises(ValueError, match='trained with gate_logit_scale=1'):
         timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.old"}', pretrained=True, gate_logit_scale=10.0)
+    # named after the checkpoint without its weights, as timm's validate.py builds a run fine-tuned from it before
+    # loading the run's --checkpoint: the checkpoint's scale, so the run's weights mean what they meant in training
+    unloaded = timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.old"}')
+    assert unloaded.gate_logit_scale == 1.0
+    unloaded.load_state_dict(old.state_dict())
+    x = _input((2, 1, 28, 28))
+    assert torch.equal(_logits(unloaded.eval(), x), _logits(old, x))
+    asked = timm.create_model(f'local-dir:{tmp_path / "denseresnet20_n4.old"}', gate_logit_scale=3.0)
+    assert asked.gate_logit_scale == 3.0  # without weights, an explicit scale is the user's
     model = _random_model('denseresnet20_n4', seed=3, num_classes=10, in_chans=1, gate_logit_scale=4.0)
     model.pretrained_cfg = P.with_data_config(model.pretrained_cfg, P.FASHION_MNIST)
     E.write_folder(model, tmp_path / 'denseresnet20_n4.mine', {'gate_logit_scale': model.gate_logit_scale})

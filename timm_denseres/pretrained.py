@@ -638,17 +638,20 @@ def recorded_gate_scale(cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path
 
 
 def with_dense_defaults(name: str, cfg: Dict[str, Any], pretrained: bool, kwargs: Dict[str, Any],
-                        defaults: Dict[str, Any]) -> Dict[str, Any]:
-    """A dense model's keyword arguments: ``defaults`` where not given, and with pretrained weights the gate logit
-    scale they were trained with (a different one asked for explicitly is refused: the weights would mean other
-    gates)."""
-    recorded = recorded_gate_scale(cfg, kwargs.get('cache_dir')) if pretrained else None
-    if recorded is not None:
+                        defaults: Dict[str, Any], named_checkpoint: bool = False) -> Dict[str, Any]:
+    """A dense model's keyword arguments: ``defaults`` where not given, and the gate logit scale a checkpoint was
+    trained with: with its weights (a different one asked for explicitly is refused: the weights would mean other
+    gates), and without them where the model is named after the checkpoint (``named_checkpoint``: a tag,
+    ``local-dir:`` or ``hf-hub:``), as timm's scripts build a run fine-tuned from it to load the run's own weights."""
+    recorded = recorded_gate_scale(cfg, kwargs.get('cache_dir')) if pretrained or named_checkpoint else None
+    if recorded is not None and pretrained:
         asked = kwargs.get('gate_logit_scale', recorded)
         if float(asked) != recorded:
             raise ValueError(f'the pretrained weights of {name} were trained with gate_logit_scale={recorded:g}; '
                              f'gate_logit_scale={asked:g} would change what they compute. Leave it out.')
         kwargs = dict(kwargs, gate_logit_scale=recorded)
+    elif recorded is not None:
+        kwargs = dict(dict(gate_logit_scale=recorded), **kwargs)
     return dict(defaults, **kwargs)
 
 
@@ -687,7 +690,8 @@ def build_model_with_pretrained(
         raise ValueError(f'gate_logit is for warm-start tags with pretrained=True ({", ".join(WARM_STARTS)}); '
                          f'{name} with pretrained={pretrained} has no gates to set.')
     if dense_defaults is not None:
-        kwargs = with_dense_defaults(name, cfg, pretrained, kwargs, dense_defaults)
+        named = isinstance(cfg_arg, str) or cfg.get('source') in ('local-dir', 'hf-hub')
+        kwargs = with_dense_defaults(name, cfg, pretrained, kwargs, dense_defaults, named_checkpoint=named)
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 

@@ -15,8 +15,11 @@ import torch
 import yaml
 from huggingface_hub import try_to_load_from_cache
 from timm.data import create_dataset, resolve_data_config
-from timm.models import clean_state_dict, get_pretrained_cfg, is_model, parse_model_name, split_model_name_tag
+from timm.models import (
+    clean_state_dict, get_pretrained_cfg, is_model, list_models, parse_model_name, split_model_name_tag)
 from timm.models._hub import hf_split, load_model_config_from_path
+
+from .pretrained import GATE_SCALE_BEFORE_THE_LEVER, PUBLISHED
 
 __all__ = ['RunError', 'TrainRun', 'read_train_args', 'read_train_run', 'start_cfg', 'run_data_config',
            'class_names', 'run_class_names']
@@ -109,14 +112,24 @@ def start_cfg(model_name: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
         cfg, arch, model_args = load_model_config_from_path(folder)
         if not is_model(arch):
             raise RunError(f'{folder / "config.json"} names architecture {arch!r}, which timm does not know')
-        return arch, {k: v for k, v in cfg.items() if k not in SOURCE_KEYS}, dict(model_args or {})
+        model_args = dict(model_args or {})
+        if _has_gates(arch):  # a config.json without a scale was trained at scale 1 (pretrained.recorded_gate_scale)
+            model_args.setdefault('gate_logit_scale', GATE_SCALE_BEFORE_THE_LEVER)
+        return arch, {k: v for k, v in cfg.items() if k not in SOURCE_KEYS}, model_args
     arch, tag = split_model_name_tag(model_id)
     if not is_model(arch):
         raise RunError(f'unknown model {model_id!r}: pass --model with its architecture (timm.list_models())')
     cfg = get_pretrained_cfg(model_id) if tag else get_pretrained_cfg(arch)
     if cfg is None:
         raise RunError(f'{model_id} is not a pretrained cfg timm knows: pass --model with its architecture')
-    return arch, cfg.to_dict(remove_source=True), {}
+    published = PUBLISHED.get(model_id) if tag and _has_gates(arch) else None
+    return arch, cfg.to_dict(remove_source=True), {'gate_logit_scale': published.gate_logit_scale} if published else {}
+
+
+def _has_gates(arch: str) -> bool:
+    """A DenseResNet or DenseMobileNetV2 of this package (not its CIFAR ResNets, registered beside them)."""
+    ours = list_models(module='denseresnet') + list_models(module='densemobilenet')
+    return arch in ours and arch.startswith(('dense', 'test_dense'))
 
 
 def _per_channel(values: Sequence[float], chans: int) -> Tuple[float, ...]:
