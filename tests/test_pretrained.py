@@ -119,8 +119,8 @@ def published(tmp_path_factory) -> Dict[str, Any]:
     """Random weights published as FM into tmp dirs. Their checksum is recorded for FM while this module runs
     (it replaces the real one, if any), so that every load of them is checked."""
     tmp = tmp_path_factory.mktemp('published')
-    model = _random_model(FM, seed=0)
-    ema = _random_model(FM, seed=10)  # the EMA weights are the ones to publish
+    model = _random_model('denseresnet110_n4', seed=0, num_classes=10, in_chans=1)  # the architecture the run names
+    ema = _random_model('denseresnet110_n4', seed=10, num_classes=10, in_chans=1)  # the EMA weights: published
     _save_train_checkpoint(tmp / 'model_best.pth.tar', model, ema, 'denseresnet110_n4')
     folder = E.export(tmp / 'model_best.pth.tar', 'fmnist', out_dir=tmp / 'weights', top1=91.25,
                       train_command='python scripts/train.py --config recipes/fashion_mnist.yaml')
@@ -382,7 +382,8 @@ def digits_run(tmp_path_factory) -> Dict[str, Any]:
     tmp = tmp_path_factory.mktemp('digits')
     start = _random_model('denseresnet20_n4', seed=20, num_classes=10, in_chans=1)
     start.pretrained_cfg = P.with_data_config(start.pretrained_cfg, P.FASHION_MNIST)
-    save_for_hf(start, tmp / 'start' / 'denseresnet20_n4.fmnist', safe_serialization=True)
+    save_for_hf(start, tmp / 'start' / 'denseresnet20_n4.fmnist', safe_serialization=True,
+                model_args={'gate_logit_scale': start.gate_logit_scale})  # as an export records it
     data = _image_folder(tmp / 'data' / 'train', [str(d) for d in range(10)]).parent
     arch = f"local-dir:{tmp / 'start' / 'denseresnet20_n4.fmnist'}"
     tuned = _random_model('denseresnet20_n4', seed=21, num_classes=10, in_chans=1)
