@@ -14,7 +14,7 @@ from tqdm import tqdm
 import timm_denseres  # noqa: F401  registers the models
 from timm_denseres.evaluate import make_loader
 from timm_denseres.gate_figure import plot_gate_weights
-from timm_denseres.gate_stats import dense_gates, mix_shift, record_gates
+from timm_denseres.gate_stats import mix_shift, record_gates
 
 
 def mean_mix(model: torch.nn.Module, loader) -> dict:
@@ -28,9 +28,8 @@ def fresh_like(model: torch.nn.Module) -> torch.nn.Module:
     """The untrained model a checkpoint started from, as far as the defaults go: its architecture, classes, input
     channels and gate scale."""
     cfg = model.pretrained_cfg
-    scale = next(iter(dense_gates(model).values())).logit_scale
     return timm.create_model(cfg['architecture'], num_classes=model.num_classes, in_chans=cfg['input_size'][0],
-                             gate_logit_scale=scale).eval()
+                             gate_logit_scale=model.gate_logit_scale).eval()
 
 
 def main() -> None:

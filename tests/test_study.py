@@ -294,7 +294,8 @@ def test_report_writes_the_ablation_table_per_results_folder(workspace, tmp_path
                     '  denseresnet20_n4-init3: {model: denseresnet20_n4, model_kwargs: [gate_init_logit=3.0]}\n'
                     '  denseresnet20_n4-gone: {model: denseresnet20_n4}\n')
     assert study.main(['report', '--results', str(results), '--doc', str(card), '--docs', str(docs),
-                       '--card', str(tmp_path / 'SUMMARY.md'), '--ablation', str(results), '--ablation-plan', str(plan)]) == 0
+                       '--card', str(tmp_path / 'SUMMARY.md'), '--ablation', str(results),
+                       '--ablation-plan', str(plan)]) == 0
     block = card.read_text().split('<!-- ablation-table:start -->')[1]
     rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in block.splitlines() if line.startswith('| `')}
     assert list(rows) == ['`resnet20`', '`denseresnet20_n4-init3`']  # plan order; an arm without runs left out

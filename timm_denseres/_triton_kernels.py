@@ -28,7 +28,7 @@ launching = [False]  # True during a launch
 
 # Reductions through tl.reduce with combine functions of this module: triton.language's own tl.sum and tl.max are
 # jit functions made when triton is imported, which the interpreter cannot call if that was before
-# TRITON_INTERPRET=1 was set (as in a test session)
+# TRITON_INTERPRET=1 was set (as in a test run)
 @triton.jit
 def _add(a, b):
     return a + b

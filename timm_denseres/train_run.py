@@ -19,7 +19,7 @@ from timm.models import (
     clean_state_dict, get_pretrained_cfg, is_model, list_models, parse_model_name, split_model_name_tag)
 from timm.models._hub import hf_split, load_model_config_from_path
 
-from .pretrained import GATE_SCALE_BEFORE_THE_LEVER, PUBLISHED
+from .pretrained import recorded_gate_scale
 
 __all__ = ['RunError', 'TrainRun', 'read_train_args', 'read_train_run', 'start_cfg', 'run_data_config',
            'class_names', 'run_class_names']
@@ -112,9 +112,7 @@ def start_cfg(model_name: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
         cfg, arch, model_args = load_model_config_from_path(folder)
         if not is_model(arch):
             raise RunError(f'{folder / "config.json"} names architecture {arch!r}, which timm does not know')
-        model_args = dict(model_args or {})
-        if _has_gates(arch):  # a config.json without a scale was trained at scale 1 (pretrained.recorded_gate_scale)
-            model_args.setdefault('gate_logit_scale', GATE_SCALE_BEFORE_THE_LEVER)
+        model_args = {**_recorded_scale(arch, {'source': 'local-dir', 'file': str(folder)}), **(model_args or {})}
         return arch, {k: v for k, v in cfg.items() if k not in SOURCE_KEYS}, model_args
     arch, tag = split_model_name_tag(model_id)
     if not is_model(arch):
@@ -122,14 +120,16 @@ def start_cfg(model_name: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
     cfg = get_pretrained_cfg(model_id) if tag else get_pretrained_cfg(arch)
     if cfg is None:
         raise RunError(f'{model_id} is not a pretrained cfg timm knows: pass --model with its architecture')
-    published = PUBLISHED.get(model_id) if tag and _has_gates(arch) else None
-    return arch, cfg.to_dict(remove_source=True), {'gate_logit_scale': published.gate_logit_scale} if published else {}
+    return arch, cfg.to_dict(remove_source=True), _recorded_scale(arch, cfg.to_dict()) if tag else {}
 
 
-def _has_gates(arch: str) -> bool:
-    """A DenseResNet or DenseMobileNetV2 of this package (not its CIFAR ResNets, registered beside them)."""
+def _recorded_scale(arch: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+    """The gate scale a checkpoint was trained with (:func:`pretrained.recorded_gate_scale`), as model args: the
+    model a run names is rebuilt with it (validate --checkpoint, export). Only for this package's gated models, not
+    its CIFAR ResNets, registered beside them."""
     ours = list_models(module='denseresnet') + list_models(module='densemobilenet')
-    return arch in ours and arch.startswith(('dense', 'test_dense'))
+    scale = recorded_gate_scale(cfg) if arch in ours and arch.startswith(('dense', 'test_dense')) else None
+    return {} if scale is None else {'gate_logit_scale': scale}
 
 
 def _per_channel(values: Sequence[float], chans: int) -> Tuple[float, ...]:
