@@ -197,6 +197,8 @@ new_cfg = timm.models.get_pretrained_cfg(cfg['new']).to_dict()
 results['new_cfg'] = {k: new_cfg[k] for k in ('hf_hub_id', 'input_size', 'pool_size', 'mean', 'label_names')}
 logits('warm', cfg['warm'], inputs['in'])
 logits('warm_gate6', cfg['warm'], inputs['in'], gate_logit=6.0)
+logits('warm_file', cfg['warm'], inputs['in'], pretrained_cfg_overlay=dict(file=cfg['warm_file']))  # the offline way
+error('not_cached_warm', lambda: timm.create_model(cfg['warm'], pretrained=True, cache_dir=cfg['empty_cache']))
 if cfg['mnv2_warm']:
     logits('warm_mnv2', cfg['mnv2_warm'], inputs['in'])
 error('not_cached_tag', lambda: timm.create_model('resnet110.fmnist', pretrained=True))
@@ -243,7 +245,8 @@ def offline_run(published, tmp_path_factory) -> Dict[str, Any]:
                gate_logit_scale=published['gate_logit_scale'],
                new=NEW, new_sha256=P.sha256_file(tmp / 'new' / P.WEIGHTS_FILE),
                pretrained_py=str(REPO_ROOT / 'timm_denseres' / 'pretrained.py'),
-               mnv2_warm=MNV2_WARM if HAS_MNV2_WARM else None, inputs=str(tmp / 'inputs.pt'), out=str(tmp / 'out.pt'))
+               mnv2_warm=MNV2_WARM if HAS_MNV2_WARM else None, inputs=str(tmp / 'inputs.pt'), out=str(tmp / 'out.pt'),
+               warm_file=str(tmp / 'resnet34' / P.WEIGHTS_FILE), empty_cache=str(tmp / 'empty-cache'))
     (tmp / 'cfg.json').write_text(json.dumps(cfg))
     proc = _run(OFFLINE_SCRIPT, [tmp / 'cfg.json'], {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -465,7 +468,7 @@ def test_a_pickle_is_refused_in_one_line(tmp_path, capsys):
             main(argv)
         message = str(info.value.code)
         assert message.startswith('error: ') and '\n' not in message and 'weights_only=False' not in message
-    assert 'is not a checkpoint torch.load can read' in message
+    assert 'is not a torch checkpoint (torch.save writes a zip archive)' in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth.tar', 'text.pth']  # nothing written
 
 
@@ -545,16 +548,31 @@ def test_hub_unreachable_offline_says_what_to_do(offline_run):
             assert way_out in message, (key, way_out)
 
 
+def test_a_warm_start_offline_says_how_to_load_its_file(offline_run):
+    """A warm start's weights are timm's checkpoint of another model: the way out loads that file into the warm
+    model (local-dir: would build the other model), and that way works."""
+    message = offline_run['results']['not_cached_warm']['error']
+    assert f"hf download {get_pretrained_cfg(WARM).hf_hub_id} {P.WEIGHTS_FILE} --local-dir DIR" in message, message
+    assert (f"timm.create_model('{WARM}', pretrained=True, pretrained_cfg_overlay=dict(file='DIR/{P.WEIGHTS_FILE}'))"
+            in message), message
+    assert "'local-dir:DIR'" not in message
+    assert offline_run['results']['warm_file'].get('ok'), offline_run['results']['warm_file']
+    assert torch.equal(offline_run['logits']['warm_file'], offline_run['logits']['warm'])
+
+
 def test_hub_unreachable_online_says_what_to_do(tmp_path):
     """Not offline, but the endpoint refuses connections: the Hub is asked once, without huggingface_hub's
-    retries (which log 'Retrying in Ns' and take ~23 s a file), for the tag and for an hf-hub: name."""
+    retries (which log 'Retrying in Ns' and take ~23 s a file), for the tag and for an hf-hub: name; the error
+    comes alone, not chained to the HTTP client's."""
     script = ("import logging, timm, timm_denseres\n"
               "from timm_denseres.pretrained import create_model\n"
               "logging.basicConfig()\n"
               "for create, name in ((timm.create_model, 'resnet110.fmnist'),\n"
               "                     (create_model, 'hf-hub:timm-denseres/resnet110.fmnist')):\n"
               "    try:\n        create(name, pretrained=True)\n"
-              "    except Exception as e:\n        print(type(e).__name__, e, '<end>')\n")
+              "    except Exception as e:\n"
+              "        chained = e.__cause__ or (e.__context__ and not e.__suppress_context__)\n"
+              "        print(type(e).__name__, e, '<chained>' if chained else '', '<end>')\n")
     proc = _run(script, [], {'HF_ENDPOINT': 'http://127.0.0.1:9', 'HF_HUB_CACHE': str(tmp_path)})
     errors = proc.stdout.split('<end>')[:2]
     assert len(errors) == 2, proc.stdout + proc.stderr[-2000:]
@@ -564,6 +582,7 @@ def test_hub_unreachable_online_says_what_to_do(tmp_path):
         for way_out in (BUNDLED_WAY_OUT, "'local-dir:DIR'", 'HF_ENDPOINT'):
             assert way_out in message, way_out
     assert 'Retrying' not in proc.stderr
+    assert '<chained>' not in proc.stdout  # the HTTP client's traceback would only bury the message
 
 
 # ---------------------------------------------------------------------------------------------------------------

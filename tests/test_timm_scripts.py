@@ -11,6 +11,7 @@ import http.server
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 from PIL import Image
@@ -347,6 +349,47 @@ def test_main_exits_with_the_one_line(isolated_env: Path) -> None:
     assert str(info.value.code).startswith('error: --checkpoint ') and '\n' not in str(info.value.code)
 
 
+def test_a_model_timm_does_not_know_is_one_line_with_the_closest_names(tmp_path: Path) -> None:
+    for name in ('validate', 'inference', 'benchmark', 'onnx_export', 'train'):
+        with pytest.raises(timm_scripts.ArgumentError, match=r"^--model denseresnet20_n3: timm knows no model "
+                           r"'denseresnet20_n3' \(did you mean denseresnet20_n4, denseresnet20_n2"):
+            timm_scripts.check_args(name, ['data', '--model', 'denseresnet20_n3'])
+    with pytest.raises(timm_scripts.ArgumentError, match='has no config.json'):
+        timm_scripts.check_args('validate', ['data', '--model', f'local-dir:{tmp_path}'])
+    for model in ('denseresnet20_n4', 'denseresnet20_n4.fmnist', 'resnet50', FMNIST20,
+                  'hf-hub:someone/not-cached'):  # a hub name is the script's to download
+        timm_scripts.check_args('validate', ['data', '--model', model])
+
+
+def test_an_unreadable_weights_file_is_one_line(tmp_path: Path) -> None:
+    real = _train_checkpoint(tmp_path / 'last.pth.tar')
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(real.read_bytes()[:real.stat().st_size // 2])
+    corrupt = tmp_path / 'model.safetensors'
+    corrupt.write_bytes(b'not a safetensors file')
+    cases = [('validate', '--checkpoint', truncated, 'is not a torch checkpoint .*truncated'),
+             ('train', '--resume', truncated, 'is not a torch checkpoint'),
+             ('train', '--initial-checkpoint', tmp_path / 'missing.pth', 'no such file'),
+             ('inference', '--checkpoint', corrupt, 'is not a valid safetensors file .*truncated or corrupt')]
+    for name, flag, path, why in cases:
+        with pytest.raises(timm_scripts.ArgumentError, match=f'^{flag} {re.escape(str(path))}:? {why}'):
+            timm_scripts.check_args(name, ['data', flag, str(path)])
+    good = tmp_path / 'good.safetensors'
+    safetensors.torch.save_file({'w': torch.zeros(2)}, good)
+    timm_scripts.check_args('validate', ['data', '--checkpoint', str(good)])
+    timm_scripts.check_args('train', ['data', '--resume', str(real)])
+
+
+def test_help_names_the_launchers_own_flag(isolated_env: Path, capsys: pytest.CaptureFixture) -> None:
+    repo = _fake_checkout(isolated_env / 'repo', body='import argparse\nargparse.ArgumentParser().parse_args()\n')
+    with pytest.raises(SystemExit) as info:
+        timm_scripts.main('benchmark', ['--help', '--timm-repo', str(repo)])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"timm's benchmark.py from {repo / 'benchmark.py'}") and '--timm-repo DIR' in out
+    assert 'usage:' in out
+
+
 def test_a_module_timm_does_not_install_is_named(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = _fake_checkout(isolated_env / 'repo', body='import pandas\n')  # inference.py's first import of its own
     monkeypatch.setitem(sys.modules, 'pandas', None)  # as where pandas is not installed
@@ -440,7 +483,8 @@ def test_train_one_epoch_on_sample(tmp_path: Path) -> None:
 def test_launcher_shows_the_scripts_help(script: str) -> None:
     result = _launch(script, '--help')
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith(f'usage: {script}.py')
+    assert result.stdout.startswith(f"timm's {script}.py from ")  # the launcher's line, then the script's help
+    assert result.stdout.splitlines()[2].startswith(f'usage: {script}.py')
 
 
 @needs_timm_repo

@@ -545,8 +545,10 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def hub_error_message(what: str, repo_id: str, error: Exception, cache_dir: Optional[Union[str, Path]] = None) -> str:
-    """What went wrong getting ``repo_id`` from the Hub, and the ways out."""
+def hub_error_message(what: str, repo_id: str, error: Exception, cache_dir: Optional[Union[str, Path]] = None,
+                      warm_start: Optional[str] = None) -> str:
+    """What went wrong getting ``repo_id`` from the Hub, and the ways out. ``warm_start``: the ``*_warm`` model
+    asked for, whose weights are another model's file (``repo_id``'s), not a folder of its own."""
     org, _, repo_name = repo_id.rpartition('/')
     folder = bundled_folder(repo_name) if org == HUB_ORG else None
     local = f"timm.create_model('local-dir:{_shown(folder)}', pretrained=True)" if folder else None
@@ -562,30 +564,37 @@ def hub_error_message(what: str, repo_id: str, error: Exception, cache_dir: Opti
         reason = 'offline mode is on (HF_HUB_OFFLINE=1)'
     else:
         reason = f'the Hugging Face Hub ({endpoint}) could not be reached ({type(error).__name__}: {error})'
+    if warm_start:  # its weights are another model's file: local-dir: would build that model
+        fetch = (f'fetch the file where the Hub is reachable (`hf download {repo_id} {WEIGHTS_FILE} --local-dir DIR`), '
+                 f"copy it here and load it with timm.create_model('{warm_start}', pretrained=True, "
+                 f"pretrained_cfg_overlay=dict(file='DIR/{WEIGHTS_FILE}'))")
+    else:
+        fetch = (f'fetch the folder where the Hub is reachable (`hf download {repo_id} --local-dir DIR`), copy it '
+                 f"here and load it with timm.create_model('local-dir:DIR', pretrained=True)")
     return (
         f'Cannot load {what}: {reason} and {repo_id} is not in the Hugging Face cache ({cache}). Either:\n'
         + (f'  - load the copy in this checkout, no Hub needed: {local};\n' if local else '')
         + f'  - allow the download once: be online with HF_HUB_OFFLINE unset;\n'
         f'  - use a Hub mirror you can reach: set HF_ENDPOINT=https://your-mirror;\n'
-        f'  - fetch the folder where the Hub is reachable (`hf download {repo_id} --local-dir DIR`), copy it here '
-        f"and load it with timm.create_model('local-dir:DIR', pretrained=True);\n"
+        f'  - {fetch};\n'
         f'  - or copy a Hugging Face cache that holds it to HF_HUB_CACHE and set HF_HUB_OFFLINE=1.')
 
 
 def _ask_hub(repo_id: str, filename: str, revision: Optional[str], what: str,
-             cache_dir: Optional[Union[str, Path]]) -> None:
+             cache_dir: Optional[Union[str, Path]], warm_start: Optional[str] = None) -> None:
     """Raise the clear error at once when the Hub cannot give ``filename``: one request, without the retries of
     huggingface_hub's download (~23 s per file on a failed connection, and timm asks for two files)."""
     if hf_constants.HF_HUB_OFFLINE:
-        raise PretrainedWeightsError(hub_error_message(what, repo_id, OfflineModeIsEnabled('offline'), cache_dir))
+        raise PretrainedWeightsError(
+            hub_error_message(what, repo_id, OfflineModeIsEnabled('offline'), cache_dir, warm_start))
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
     except RepositoryNotFoundError as e:
-        raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir)) from e
+        raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir, warm_start)) from None
     except HfHubHTTPError:
         return  # the Hub answered (a gated repo, another file name, ...): timm's own download handles it
     except Exception as e:  # huggingface_hub raises its HTTP client's own errors for a failed connection
-        raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir)) from e
+        raise PretrainedWeightsError(hub_error_message(what, repo_id, e, cache_dir, warm_start)) from None
 
 
 PAPER = dict(
@@ -709,7 +718,8 @@ def build_model_with_pretrained(
     hub = _hub_source(cfg)
     if hub and weights_path(cfg, cache_dir) is None:
         repo_id, revision = hub
-        _ask_hub(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision, f'the weights of {name}', cache_dir)
+        _ask_hub(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision, f'the weights of {name}', cache_dir,
+                 warm_start=name if name in WARM_STARTS else None)
     checks = LoadChecks(cache_dir=cache_dir, gate_logit=gate_logit)
     cfg_chans = cfg.get('input_size', (3,))[0]
     same_chans = kwargs.get('in_chans', cfg_chans) == cfg_chans != 3  # timm's default in_chans is the cfg's
@@ -721,10 +731,11 @@ def build_model_with_pretrained(
         raise PretrainedWeightsError(
             f'The weights file of {name} ({path or _describe_source(cfg)}) is not a valid safetensors file: '
             f'{e}. It is truncated or corrupt (an interrupted download or copy). Delete it and load again '
-            f'(for the Hugging Face cache: `hf cache delete`).') from e
+            f'(for the Hugging Face cache: `hf cache delete`).') from None
     except _HUB_ERRORS as e:
         repo_id = hf_split(cfg.get('hf_hub_id') or '?')[0]
-        raise PretrainedWeightsError(hub_error_message(f'the weights of {name}', repo_id, e, cache_dir)) from e
+        raise PretrainedWeightsError(hub_error_message(f'the weights of {name}', repo_id, e, cache_dir,
+                                                       name if name in WARM_STARTS else None)) from None
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -744,4 +755,4 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     except _HUB_ERRORS as e:
         repo_id = hf_split(model_name.split(':', 1)[-1])[0]
         raise PretrainedWeightsError(
-            hub_error_message(f'the config of {model_name}', repo_id, e, kwargs.get('cache_dir'))) from e
+            hub_error_message(f'the config of {model_name}', repo_id, e, kwargs.get('cache_dir'))) from None

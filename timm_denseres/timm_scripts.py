@@ -25,10 +25,13 @@ wrong here (:func:`default_args`), each only to a script that takes it (:data:`S
 - validate.py and inference.py with `--checkpoint` of a train.py run: the model, class count and data config
   (input size, mean/std, crop_pct, interpolation) of that run, read from the checkpoint.
 
-Before the script runs, a `--checkpoint` whose classifier has another class count than the model is refused with
-the `--num-classes` to pass (:func:`check_args`), and onnx_export.py's `--dynamo` is left out on a torch without
-`torch.onnx.dynamo_export`, which it calls (:func:`fixed_args`): there (torch 2.9 and newer) `torch.onnx.export`,
-its default path, is already the torch.export-based exporter, the one that exports these models.
+Before the script runs, what would end in its traceback is refused in one line (:func:`check_args`): a
+`--model` timm does not know (with the closest names) or a `local-dir:` folder without config.json; a weights file
+(`--checkpoint`, `--resume`, `--initial-checkpoint`) that is missing, truncated or corrupt; a `--checkpoint` whose
+classifier has another class count than the model (with the `--num-classes` to pass). And onnx_export.py's
+`--dynamo` is left out on a torch without `torch.onnx.dynamo_export`, which it calls (:func:`fixed_args`): there
+(torch 2.9 and newer) `torch.onnx.export`, its default path, is already the torch.export-based exporter, the one
+that exports these models. `--help` shows a line on `--timm-repo` above the script's own help.
 
 While it runs, a few of timm's functions are swapped for ones that fix what the flags cannot (:func:`script_fixes`):
 
@@ -41,6 +44,7 @@ While it runs, a few of timm's functions are swapped for ones that fix what the 
   and labels as metadata (:data:`ONNX_CFG_KEY`), from which onnx_validate.py, which has no model to ask, resolves
   its data config.
 """
+import difflib
 import json
 import os
 import re
@@ -58,9 +62,11 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 import timm
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from timm.models import parse_model_name
 
 from .gate_stats import GateTelemetry, dense_gates
+from .pretrained import PretrainedWeightsError
 from .train_run import RunError, read_train_run, run_data_config, start_cfg
 
 # Importing anything from this module has already run timm_denseres/__init__.py, which registers the models
@@ -400,21 +406,69 @@ def _model_outputs(args: Sequence[str]) -> Optional[Tuple[int, str]]:
     return (int(count), f"{model}'s num_classes") if count else None
 
 
+CHECKPOINT_FLAGS = {'train': ('--initial-checkpoint', '--resume'), 'validate': ('--checkpoint',),
+                    'inference': ('--checkpoint',), 'onnx_export': ('--checkpoint',)}
+"""The flags of each script that name a weights file."""
+
+
+def check_model(model: str) -> None:
+    """Raise :class:`ArgumentError` for a ``--model`` the script would stop on with a traceback: a name timm does
+    not know (with the closest ones), a ``local-dir:`` folder without a config.json. ``hf-hub:`` names are left to
+    the script, which downloads them."""
+    source, model_id = parse_model_name(model)
+    if source == 'local-dir':
+        if not (Path(model_id) / 'config.json').is_file():
+            raise ArgumentError(f'--model {model}: {model_id} has no config.json; a checkpoint folder holds '
+                                f'config.json and model.safetensors (scripts/export_checkpoint.py writes one)')
+        return
+    arch = model_id.split('.', 1)[0]
+    if source is None and not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.7)
+        raise ArgumentError(f'--model {model}: timm knows no model {arch!r}'
+                            + (f' (did you mean {", ".join(close)}?)' if close else '')
+                            + "; timm.list_models('*dense*') lists this package's")
+
+
+def check_checkpoint(flag: str, path: str) -> None:
+    """Raise :class:`ArgumentError` when ``path`` is not a weights file timm's loaders can read: missing, or a
+    corrupt or truncated safetensors / torch file (:func:`timm_denseres.train_run.read_train_run` says why)."""
+    if not Path(path).is_file():
+        raise ArgumentError(f'{flag} {path}: no such file')
+    if path.endswith('.safetensors'):
+        try:
+            with safe_open(path, framework='pt') as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ArgumentError(f'{flag} {path} is not a valid safetensors file ({e}): truncated or corrupt?') from None
+        return
+    try:
+        read_train_run(Path(path))
+    except RunError as e:
+        raise ArgumentError(f'{flag} {e}') from None
+
+
 def check_args(name: str, args: Sequence[str]) -> None:
-    """Raise :class:`ArgumentError` for arguments that would end in a traceback of the script: a ``--checkpoint``
-    whose classifier has another class count than the model (timm's load raises a size mismatch)."""
+    """Raise :class:`ArgumentError` for arguments that would end in a traceback of the script: an unknown
+    ``--model`` (:func:`check_model`), a weights file that cannot be read (:func:`check_checkpoint`), a
+    ``--checkpoint`` whose classifier has another class count than the model (timm's load raises a size
+    mismatch)."""
+    model = _value(args, '--model', '-m')
+    if model and name != 'onnx_validate':
+        check_model(model)
+    for flag in CHECKPOINT_FLAGS.get(name, ()):
+        if _value(args, flag):
+            check_checkpoint(flag, _value(args, flag))
     path = _value(args, '--checkpoint')
-    if name not in ('validate', 'inference', 'onnx_export') or not path or not Path(path).is_file():
+    if name not in ('validate', 'inference', 'onnx_export') or not path:
         return
     outputs = _model_outputs(args)
-    model = _value(args, '--model', '-m')
-    if outputs is None or not model:
+    if outputs is None or not model or path.endswith('.safetensors'):
         return
     try:
         classifier = start_cfg(model)[1].get('classifier')
-        weight = read_train_run(Path(path)).state_dict.get(f'{classifier}.weight')
     except RunError:
-        return  # the script says what is wrong with the model or the file
+        return  # hf-hub: not in the cache yet; the script downloads it
+    weight = read_train_run(Path(path)).state_dict.get(f'{classifier}.weight')
     if weight is not None and weight.dim() > 0 and weight.shape[0] != outputs[0]:
         raise ArgumentError(f'--checkpoint {path} has {weight.shape[0]} classes ({classifier}.weight), the model '
                             f'{outputs[0]} ({outputs[1]}): pass --num-classes {weight.shape[0]}')
@@ -628,10 +682,14 @@ def main(name: str, args: Optional[Sequence[str]] = None) -> None:
         script = resolve_script(name, repo)
         rest = fixed_args(name, rest)
         rest += default_args(name, rest)
+        if _is_given(rest, '-h', '--help'):
+            print(f"timm's {name}.py from {script}, with the DenseResNet models registered. {REPO_FLAG} DIR (or "
+                  f'env {ENV_REPO}) names the pytorch-image-models checkout to take it from; every other flag is '
+                  f'its own:\n')
         check_args(name, rest)
         with script_fixes(name, rest):
             run_script(script, rest)
-    except TimmScriptError as e:  # ArgumentError too, raised before or while the script runs
+    except (TimmScriptError, PretrainedWeightsError) as e:  # ArgumentError too, raised before or while it runs
         sys.exit(f'error: {e}')
     except ModuleNotFoundError as e:
         if e.name not in EXTRA_MODULES:

@@ -7,6 +7,7 @@ takes a checkpoint's data config from its run.
 """
 import pickle
 import re
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -43,6 +44,11 @@ def _load(path: Path) -> Any:
     """torch.load of tensors, containers and train.py's argparse.Namespace only: nothing that could run code."""
     if not path.is_file():
         raise RunError(f'{path}: no such file')
+    with open(path, 'rb') as f:
+        legacy_pickle = f.read(1) == b'\x80'  # torch.save's format before torch 1.6
+    if not (zipfile.is_zipfile(path) or legacy_pickle):  # a truncated archive has lost its central directory
+        raise RunError(f'{path} is not a torch checkpoint (torch.save writes a zip archive): truncated, or a file '
+                       f'of another format')
     try:
         with torch.serialization.safe_globals([Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
