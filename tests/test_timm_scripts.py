@@ -356,6 +356,8 @@ def test_a_model_timm_does_not_know_is_one_line_with_the_closest_names(tmp_path:
             timm_scripts.check_args(name, ['data', '--model', 'denseresnet20_n3'])
     with pytest.raises(timm_scripts.ArgumentError, match='has no config.json'):
         timm_scripts.check_args('validate', ['data', '--model', f'local-dir:{tmp_path}'])
+    with pytest.raises(timm_scripts.ArgumentError, match='a model is a name, local-dir:DIR or hf-hub:ORG/NAME'):
+        timm_scripts.check_args('inference', ['data', '--model', 'hub:someone/model'])
     for model in ('denseresnet20_n4', 'denseresnet20_n4.fmnist', 'resnet50', FMNIST20,
                   'hf-hub:someone/not-cached'):  # a hub name is the script's to download
         timm_scripts.check_args('validate', ['data', '--model', model])

@@ -415,7 +415,10 @@ def check_model(model: str) -> None:
     """Raise :class:`ArgumentError` for a ``--model`` the script would stop on with a traceback: a name timm does
     not know (with the closest ones), a ``local-dir:`` folder without a config.json. ``hf-hub:`` names are left to
     the script, which downloads them."""
-    source, model_id = parse_model_name(model)
+    try:
+        source, model_id = parse_model_name(model)
+    except AssertionError:  # timm's way of refusing a prefix other than hf-hub: and local-dir:
+        raise ArgumentError(f'--model {model}: a model is a name, local-dir:DIR or hf-hub:ORG/NAME') from None
     if source == 'local-dir':
         if not (Path(model_id) / 'config.json').is_file():
             raise ArgumentError(f'--model {model}: {model_id} has no config.json; a checkpoint folder holds '
