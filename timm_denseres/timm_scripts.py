@@ -67,7 +67,7 @@ from timm.models import parse_model_name
 
 from .gate_stats import GateTelemetry, dense_gates
 from .pretrained import PretrainedWeightsError
-from .train_run import RunError, read_train_run, run_data_config, start_cfg
+from .train_run import RunError, TrainRun, read_train_run, run_data_config, start_cfg
 
 # Importing anything from this module has already run timm_denseres/__init__.py, which registers the models
 # with timm's registry: that is all the scripts need to find them by name.
@@ -432,9 +432,10 @@ def check_model(model: str) -> None:
                             + "; timm.list_models('*dense*') lists this package's")
 
 
-def check_checkpoint(flag: str, path: str) -> None:
+def check_checkpoint(flag: str, path: str) -> Optional[TrainRun]:
     """Raise :class:`ArgumentError` when ``path`` is not a weights file timm's loaders can read: missing, or a
-    corrupt or truncated safetensors / torch file (:func:`timm_denseres.train_run.read_train_run` says why)."""
+    corrupt or truncated safetensors / torch file (:func:`timm_denseres.train_run.read_train_run` says why). A torch
+    file's weights and run come back, a safetensors file's are left to the script."""
     if not Path(path).is_file():
         raise ArgumentError(f'{flag} {path}: no such file')
     if path.endswith('.safetensors'):
@@ -443,9 +444,9 @@ def check_checkpoint(flag: str, path: str) -> None:
                 f.keys()
         except (SafetensorError, OSError) as e:
             raise ArgumentError(f'{flag} {path} is not a valid safetensors file ({e}): truncated or corrupt?') from None
-        return
+        return None
     try:
-        read_train_run(Path(path))
+        return read_train_run(Path(path))
     except RunError as e:
         raise ArgumentError(f'{flag} {e}') from None
 
@@ -458,20 +459,17 @@ def check_args(name: str, args: Sequence[str]) -> None:
     model = _value(args, '--model', '-m')
     if model and name != 'onnx_validate':
         check_model(model)
-    for flag in CHECKPOINT_FLAGS.get(name, ()):
-        if _value(args, flag):
-            check_checkpoint(flag, _value(args, flag))
-    path = _value(args, '--checkpoint')
-    if name not in ('validate', 'inference', 'onnx_export') or not path:
-        return
+    runs = {flag: check_checkpoint(flag, _value(args, flag)) for flag in CHECKPOINT_FLAGS.get(name, ())
+            if _value(args, flag)}
+    run, path = runs.get('--checkpoint'), _value(args, '--checkpoint')
     outputs = _model_outputs(args)
-    if outputs is None or not model or path.endswith('.safetensors'):
+    if run is None or outputs is None or not model:
         return
     try:
         classifier = start_cfg(model)[1].get('classifier')
     except RunError:
         return  # hf-hub: not in the cache yet; the script downloads it
-    weight = read_train_run(Path(path)).state_dict.get(f'{classifier}.weight')
+    weight = run.state_dict.get(f'{classifier}.weight')
     if weight is not None and weight.dim() > 0 and weight.shape[0] != outputs[0]:
         raise ArgumentError(f'--checkpoint {path} has {weight.shape[0]} classes ({classifier}.weight), the model '
                             f'{outputs[0]} ({outputs[1]}): pass --num-classes {weight.shape[0]}')
