@@ -1,8 +1,8 @@
-"""Draw the paper's Fig. 4 for a checkpoint: mean w_ik per block and offset over an image folder, and say how far
+r"""Draw the paper's Fig. 4 for a checkpoint: mean w_ik per block and offset over an image folder, and say how far
 its gates are from a freshly created model's (the same architecture and gate scale, untrained) on the same images.
 
-    python scripts/plot_gates.py --model local-dir:weights/denseresnet110_n4.fmnist \
-        --data-dir data/fashion-mnist --split validation --out output/gates_denseresnet110_n4_fmnist.png
+    python scripts/plot_gates.py --model local-dir:weights/denseresnet56_n4.fmnist \
+        --data-dir data/sample/fashion-mnist --split validation --out output/gates_denseresnet56_n4_fmnist.png
 """
 import argparse
 from pathlib import Path
@@ -14,7 +14,9 @@ from tqdm import tqdm
 import timm_denseres  # noqa: F401  registers the models
 from timm_denseres.evaluate import make_loader
 from timm_denseres.gate_figure import plot_gate_weights
-from timm_denseres.gate_stats import mix_shift, record_gates
+from timm_denseres.gate_stats import gate_modules, mix_shift, record_gates
+from timm_denseres.pretrained import PretrainedWeightsError
+from timm_denseres.timm_scripts import ArgumentError, check_model
 
 
 def mean_mix(model: torch.nn.Module, loader) -> dict:
@@ -41,8 +43,16 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=100)
     args = parser.parse_args()
 
-    model = timm.create_model(args.model, pretrained=True).eval()
-    loader = make_loader(model, args.data_dir, args.split, batch_size=args.batch_size)
+    try:
+        check_model(args.model)
+        model = timm.create_model(args.model, pretrained=True).eval()
+        if not gate_modules(model):
+            raise ArgumentError(f'--model {args.model}: {model.pretrained_cfg["architecture"]} has no Gate-Modules '
+                                '(a baseline), so no mixing weights to draw')
+        loader = make_loader(model, args.data_dir, args.split, batch_size=args.batch_size)
+    except (ArgumentError, PretrainedWeightsError, FileNotFoundError) as e:
+        parser.exit(2, f'error: {e}\n')
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     w = mean_mix(model, loader)
     plot_gate_weights(w, args.out, title=f'{Path(args.model).name}: mean w_ik over {args.split}')
     print(f'wrote {args.out}')

@@ -878,12 +878,27 @@ def test_plot_gates_says_how_far_a_checkpoints_gates_are_from_a_fresh_models(tmp
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / 'scripts' / 'plot_gates.py'), '--model',
          f'local-dir:{tmp_path / "denseresnet20_n4.moved"}', '--data-dir', str(SAMPLE), '--out',
-         str(tmp_path / 'gates.png')], capture_output=True, text=True, timeout=300)
+         str(tmp_path / 'figures' / 'gates.png')], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / 'gates.png').stat().st_size > 0
+    assert (tmp_path / 'figures' / 'gates.png').stat().st_size > 0  # its folder made on the way
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith('mean |w - w of a fresh denseresnet20_n4| over blocks and inbounds: ')
     assert abs(float(line.rsplit(' ', 1)[1]) - expected) < 1e-4, (line, expected)
+
+
+@pytest.mark.parametrize('model, data, message', [
+    ('local-dir:weights/resnet20.fmnist', 'sample', 'resnet20 has no Gate-Modules (a baseline)'),
+    ('denseresnet20_nX', 'sample', "timm knows no model 'denseresnet20_nX'"),
+    ('local-dir:weights/denseresnet20_n4.fmnist', 'missing', 'No image folder at'),
+])
+def test_plot_gates_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, model, data, message):
+    out = tmp_path / 'new' / 'gates.png'
+    data_dir = SAMPLE if data == 'sample' else tmp_path / 'missing'
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'scripts' / 'plot_gates.py'), '--model', model, '--data-dir', str(data_dir),
+         '--out', str(out)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 2 and result.stderr.startswith('error: ') and message in result.stderr, result.stderr
+    assert 'Traceback' not in result.stderr and not out.parent.exists()
 
 
 @pytest.mark.parametrize('name', ['denseresnet20_n4.fmnist', 'denseresnet56_n4.fmnist'])
@@ -900,3 +915,12 @@ def test_the_bundled_checkpoints_of_the_default_have_gates_that_learned(name):
     loader = make_loader(model, str(SAMPLE), 'validation', batch_size=100)
     fresh = plot_gates.fresh_like(model)
     assert mix_shift(plot_gates.mean_mix(model, loader), plot_gates.mean_mix(fresh, loader)) >= 0.05
+
+
+@pytest.mark.parametrize('name, dense', [('resnet20.fmnist', False), ('denseresnet20_n4.fmnist', True)])
+def test_a_cards_words_fit_the_model(name, dense):
+    model = timm.create_model(name, pretrained=False)
+    card = E.model_card(name, model, '0' * 64, 'state_dict', None, P.DATASETS['fmnist'], None)
+    assert ('denseresnet' in card.data.tags) == dense
+    assert ('A Dense Residual Network from' in card.text) == dense
+    assert ('plain baseline (no Gate-Modules' in card.text) != dense

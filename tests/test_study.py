@@ -356,8 +356,42 @@ def test_report_writes_the_studys_summary_into_the_model_card(workspace, tmp_pat
     assert row == [f'| 20, 3 | {statistics.mean(base):.2f} ± {statistics.stdev(base):.2f} % (n=2) | '
                    f'{statistics.mean(dense):.2f} ± {statistics.stdev(dense):.2f} % (n=2) | '
                    f'{diffs[0]:+.2f} (s0), {diffs[1]:+.2f} (s1) | '
-                   f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} pp (n=2) | – |']
+                   f'{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} pp (n=2) | – | the ResNet column |']
     assert summary.read_text().endswith('<!-- study-summary:end -->\n\nEnd.\n')
     assert _report(results, card, docs, '--study-plan', str(plan), '--check') == 0
     summary.write_text(summary.read_text().replace('(s0)', '(s9)'))
     assert _report(results, card, docs, '--study-plan', str(plan), '--check') == 1
+
+
+def test_the_summary_compares_the_dense_arm_with_the_resnet_at_timms_default_too(workspace, tmp_path):
+    """Where the results hold the ResNet at timm's defaults (its arm named as its model) with the same epochs, the
+    summary row adds the dense arm's paired differences to it; an arm with other kwargs is not taken for it."""
+    results, card, docs = workspace
+    summary = card.parent / 'SUMMARY.md'
+    summary.write_text('<!-- study-summary:start -->\n<!-- study-summary:end -->\n')
+    for seed, top1 in ((0, 80.5), (1, 81.25)):
+        shutil.copytree(results / f'resnet20-s{seed}', results / f'resnet20-nozil-s{seed}')
+        record = results / f'resnet20-nozil-s{seed}' / 'validate.json'
+        record.write_text(json.dumps({**json.loads(record.read_text()), 'top1': top1}))
+    plan = tmp_path / 'plan.yaml'
+    plan.write_text('results: x\narms:\n  resnet20-nozil: {model: resnet20}\n'
+                    '  denseresnet20_n4-init3: {model: denseresnet20_n4}\n')
+    assert _report(results, card, docs, '--study-plan', str(plan)) == 0
+    dense = [_top1(results, f'denseresnet20_n4-init3-s{seed}') for seed in (0, 1)]
+    plan_diffs = [dense[0] - 80.5, dense[1] - 81.25]
+    default_diffs = [d - _top1(results, f'resnet20-s{seed}') for seed, d in enumerate(dense)]
+    cells = [line for line in summary.read_text().splitlines() if line.startswith('| 20, 3 |')][0].split(' | ')
+    assert cells[3] == f'{plan_diffs[0]:+.2f} (s0), {plan_diffs[1]:+.2f} (s1)'
+    assert cells[-1] == (f'{default_diffs[0]:+.2f} (s0), {default_diffs[1]:+.2f} (s1); '
+                         f'{statistics.mean(default_diffs):+.2f} ± {statistics.stdev(default_diffs):.2f} pp (n=2) |')
+
+
+def test_a_gate_record_says_when_its_folder_holds_other_weights_now(tmp_path):
+    folder = tmp_path / 'weights' / 'denseresnet20_n4.fmnist'
+    folder.mkdir(parents=True)
+    (folder / 'config.json').write_text(json.dumps({'weights_sha256': 'a' * 64}))
+    record = {'command': f'python tools/study.py report --gates local-dir:{folder} --split validation'}
+    assert study.replaced_weights_note(dict(record, weights_sha256='a' * 64)) == ''
+    assert study.replaced_weights_note(record) == ''  # recorded before records kept the sha256
+    note = study.replaced_weights_note(dict(record, weights_sha256='b' * 64))
+    assert 'bbbbbbbbbbbb' in note and 'holds others now' in note and f'git log -- {folder}' in note

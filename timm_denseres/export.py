@@ -31,6 +31,7 @@ from timm.models import (
     get_arch_pretrained_cfgs, get_pretrained_cfg, parse_model_name, save_for_hf, split_model_name_tag)
 from timm.models._hub import save_config_for_hf
 
+from .gate import DenseGate
 from .pretrained import (
     CONFIG_SHA256_KEY, DATASETS, HUB_FILES, HUB_ORG, PUBLISHED, WARM_STARTS, WEIGHTS_FILE, Dataset,
     PretrainedWeightsError, dataset_of_tag, hub_repo_id, published_cfg, sha256_file, with_data_config)
@@ -159,6 +160,7 @@ def model_card(
     """README.md of the Hub repo: Hub metadata (YAML) and the card itself."""
     cfg = model.pretrained_cfg
     arch, tag = split_model_name_tag(name)
+    dense = any(isinstance(m, DenseGate) for m in model.modules())
     eval_results = None
     if top1 is not None and dataset.hub_id:
         eval_results = [EvalResult(
@@ -167,7 +169,7 @@ def model_card(
             metric_value=round(top1, 2))]
     data = ModelCardData(
         library_name='timm', license=cfg.get('license', 'apache-2.0'), pipeline_tag='image-classification',
-        tags=['image-classification', 'timm', 'timm-denseres', 'denseresnet'],
+        tags=['image-classification', 'timm', 'timm-denseres'] + (['denseresnet'] if dense else []),
         datasets=[dataset.hub_id] if dataset.hub_id else None, metrics=['accuracy'],
         model_name=name, eval_results=eval_results)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -176,8 +178,10 @@ def model_card(
     lines = [
         f'# Model card for {name}', '',
         f'{cfg.get("description", "")}', '',
-        f'A Dense Residual Network from *{cfg.get("paper_name")}*: a ResNet whose blocks add a gated, per-channel mix '
-        f'of the previous N block outputs instead of only the last one. '
+        (f'A Dense Residual Network from *{cfg.get("paper_name")}*: a ResNet whose blocks add a gated, per-channel mix '
+         f'of the previous N block outputs instead of only the last one. ' if dense else
+         f'The plain baseline (no Gate-Modules: each block adds only the last output) that the Dense Residual '
+         f'Networks of *{cfg.get("paper_name")}* are compared with. ')
         + ('Published by the timm-denseres project; t' if project else 'T')
         + 'he model code is the `timm_denseres` package (a timm plugin).', '',
         '## Model details', '',

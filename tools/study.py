@@ -30,7 +30,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -405,33 +405,49 @@ def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '', by_e
     for name, record in gates.items():
         caption = (f"Mean gate weights w_ik per block and offset (the paper's Fig. 4) of `{name}` over the "
                    f"`{record['split']}` split ({record['images']} images), recorded in "
-                   f"`results/fmnist_study/gates_{name}.json` by `{record['command']}`:")
+                   f"`results/fmnist_study/gates_{name}.json` by `{record['command']}`"
+                   + replaced_weights_note(record) + ':')
         figure = f'![mean gate weights w_ik of {name}]({figures}study_gates_{name}.png)'
         lines += ['', textwrap.fill(caption, WIDTH), '', figure]
     return '\n'.join(lines).rstrip('\n')
 
 
-def summary_block(runs: List[Run]) -> str:
+def summary_block(runs: List[Run], others: Sequence[Run] = ()) -> str:
     """One row per depth and schedule of the study under the defaults, for the model card: each arm's mean ± std,
-    the paired differences per seed and their mean ± std, and how far the dense arm's gates moved."""
+    the paired differences per seed and their mean ± std, how far the dense arm's gates moved, and the dense arm
+    against the ResNet at timm's defaults (an arm named as its model among ``others``, same epochs), if run."""
     head = ['depth, epochs', 'ResNet top-1', 'DenseResNet top-1', 'Dense − ResNet per seed', 'Dense − ResNet',
-            'gates moved (w, mean)']
+            'gates moved (w, mean)', "Dense − ResNet at timm's default (`zero_init_last=True`), per seed; mean"]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for (depth, epochs), arms in by_schedule(runs).items():
         names = list(arms)
         if len(names) != 2 or not names[0].startswith('resnet'):
             continue
         base, dense = arms[names[0]], arms[names[1]]
-        seeds = sorted(set(base) & set(dense))
-        diffs = [dense[s].top1 - base[s].top1 for s in seeds]
-        moved = [r.gates['w_moved'] for r in dense.values() if r.gates]
+        model = next(iter(base.values())).model
+        timm_default = {r.seed: r for r in others if r.arm == r.model == model and len(r.test_error) == epochs}
+        if names[0] == model:
+            reference = 'the ResNet column'
+        else:
+            reference = '; '.join(_paired(dense, timm_default)) if timm_default else 'not run'
         lines.append('| ' + ' | '.join([
             f'{depth}, {epochs}', mean_std([r.top1 for r in base.values()], unit=' %'),
-            mean_std([r.top1 for r in dense.values()], unit=' %'),
-            ', '.join(f'{d:+.2f} (s{s})' for s, d in zip(seeds, diffs)) or '–',
-            mean_std(diffs, signed=True, unit=' pp') if diffs else '–',
-            f'{statistics.mean(moved):.3f}' if moved else '–']) + ' |')
+            mean_std([r.top1 for r in dense.values()], unit=' %'), *_paired(dense, base),
+            _moved(dense), reference]) + ' |')
     return '\n'.join(lines) if len(lines) > 2 else 'No finished pair of the study under the defaults yet.'
+
+
+def _paired(dense: Dict[int, Run], base: Dict[int, Run]) -> Tuple[str, str]:
+    """The dense arm minus the ResNet arm per seed they share, and the mean ± std of those differences."""
+    seeds = sorted(set(base) & set(dense))
+    diffs = [dense[s].top1 - base[s].top1 for s in seeds]
+    return (', '.join(f'{d:+.2f} (s{s})' for s, d in zip(seeds, diffs)) or '–',
+            mean_std(diffs, signed=True, unit=' pp') if diffs else '–')
+
+
+def _moved(dense: Dict[int, Run]) -> str:
+    moved = [r.gates['w_moved'] for r in dense.values() if r.gates]
+    return f'{statistics.mean(moved):.3f}' if moved else '–'
 
 
 def _kwargs_text(kwargs: List[str]) -> str:
@@ -551,10 +567,25 @@ def record_gate_json(args: argparse.Namespace) -> Path:
                + (f' --name {args.name}' if args.name else ''))
     record = {'command': command, 'split': args.split, 'images': len(loader.dataset),
               'w_mean': stats.w_mean(), 'v_mean': stats.v_mean()}
+    if args.gates and args.gates.startswith('local-dir:'):  # the folder's weights may be replaced later
+        from timm_denseres.pretrained import folder_sha256
+        record['weights_sha256'] = folder_sha256(Path(args.gates[len('local-dir:'):]) / 'config.json')
     path = Path(args.results) / f'gates_{name}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + '\n')
     return path
+
+
+def replaced_weights_note(record: dict) -> str:
+    """Where a gate record's local-dir: folder now holds other weights, which weights it was recorded from."""
+    from timm_denseres.pretrained import folder_sha256
+
+    match = re.search(r'--gates local-dir:(\S+)', record['command'])
+    recorded = record.get('weights_sha256')
+    if not match or not recorded or folder_sha256(Path(match[1]) / 'config.json') == recorded:
+        return ''
+    return (f' when `{match[1]}` held the weights of sha256 {recorded[:12]}… (it holds others now; '
+            f'`git log -- {match[1]}` finds them)')
 
 
 def _arm(run_name: str) -> str:
@@ -595,7 +626,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     card_text = card.read_text() if card.is_file() else ''
     new_card_text = card_text
     if '<!-- study-summary:start -->' in card_text:
-        new_card_text = replace_block(card_text, summary_block(default_runs), card, 'study-summary')
+        new_card_text = replace_block(card_text, summary_block(default_runs, runs), card, 'study-summary')
     if '<!-- ablation-table:start -->' in text:
         plan = yaml.safe_load(Path(args.ablation_plan).read_text())
         ablation = ablation_block(plan, [Path(folder) for folder in args.ablation])
