@@ -776,13 +776,13 @@ def test_published_line_is_a_registered_tag_with_a_sha256(name):
 
 def test_published_lines_quoted_in_the_docs_are_the_recorded_ones():
     """A PUBLISHED line shown in a doc is copied by users: it must be today's, not one of a replaced checkpoint."""
-    line = re.compile(r"'([\w.]+)': Published\('(\w+)', '([0-9a-f]{64})'\)")
+    line = re.compile(r"'([\w.]+)': Published\('(\w+)', '([0-9a-f]{64})'(?:, gate_logit_scale=([\d.]+))?\)")
     docs = [REPO_ROOT / 'README.md', REPO_ROOT / 'MODEL_CARD.md', *sorted((REPO_ROOT / 'docs').glob('*.md')),
             *sorted((REPO_ROOT / 'weights').glob('*/README.md'))]
     quoted = [(doc.name, *m.groups()) for doc in docs for m in line.finditer(doc.read_text())]
     assert quoted, 'the docs show no PUBLISHED line any more: drop this test'
-    for doc, name, dataset, sha256 in quoted:
-        assert RECORDED.get(name) == P.Published(dataset, sha256), f'{doc}: {name}'
+    for doc, name, dataset, sha256, scale in quoted:
+        assert RECORDED.get(name) == P.Published(dataset, sha256, float(scale or 1.0)), f'{doc}: {name}'
 
 
 # every bundled checkpoint by its tag from a Hugging Face cache (HF_HUB_OFFLINE=1) and by local-dir:
@@ -832,11 +832,9 @@ def test_a_checkpoint_with_the_models_channels_logs_no_conversion(caplog):
 
 def test_checkpoints_keep_the_gate_scale_they_were_trained_with(tmp_path):
     """The registered DenseResNets now train their gates at gate_logit_scale 10; a checkpoint made before (a
-    config.json without the key, as the bundled denseresnet110_n4.fmnist) loads at scale 1, one that records its
-    scale at that scale, and asking for another scale with its weights is refused."""
+    config.json without the key) loads at scale 1, one that records its scale at that scale, and asking for another
+    scale with its weights is refused."""
     assert timm.create_model('denseresnet20_n4').gate_logit_scale == 10.0
-    bundled = REPO_ROOT / 'weights' / 'denseresnet110_n4.fmnist'
-    assert 'gate_logit_scale' not in (json.loads((bundled / 'config.json').read_text()).get('model_args') or {})
     old = _random_model('denseresnet20_n4', seed=2, num_classes=10, in_chans=1, gate_logit_scale=1.0)
     old.pretrained_cfg = P.with_data_config(old.pretrained_cfg, P.FASHION_MNIST)
     E.write_folder(old, tmp_path / 'denseresnet20_n4.old', {})  # a config.json without the key
@@ -901,8 +899,8 @@ def test_plot_gates_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, m
     assert 'Traceback' not in result.stderr and not out.parent.exists()
 
 
-@pytest.mark.parametrize('name', ['denseresnet20_n4.fmnist', 'denseresnet56_n4.fmnist'])
-def test_the_bundled_checkpoints_of_the_default_have_gates_that_learned(name):
+@pytest.mark.parametrize('name', ['denseresnet20_n4.fmnist', 'denseresnet56_n4.fmnist', 'denseresnet110_n4.fmnist'])
+def test_the_bundled_checkpoints_of_the_default_have_gates_that_learned(name, monkeypatch):
     """Trained at the default gate scale, their mean mixing weights on the bundled sample are at least 0.05 from an
     untrained model's, on average over blocks and inbounds (what scripts/plot_gates.py prints)."""
     from timm_denseres.evaluate import make_loader
@@ -910,6 +908,7 @@ def test_the_bundled_checkpoints_of_the_default_have_gates_that_learned(name):
     spec = importlib.util.spec_from_file_location('plot_gates', REPO_ROOT / 'scripts' / 'plot_gates.py')
     plot_gates = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_gates)
+    monkeypatch.setitem(P.PUBLISHED, name, RECORDED[name])  # the real record, if the `published` fixture runs
     model = timm.create_model(f'local-dir:{REPO_ROOT / "weights" / name}', pretrained=True).eval()
     assert model.gate_logit_scale == 10.0
     loader = make_loader(model, str(SAMPLE), 'validation', batch_size=100)

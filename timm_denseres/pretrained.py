@@ -112,7 +112,8 @@ PUBLISHED: Dict[str, Published] = {
     # '{model}.{tag}': one line per checkpoint of the project's Hub organisation. timm_denseres.export prints the
     # line when it writes a folder; tests/test_pretrained.py checks every weights/ folder against it.
     'resnet110.fmnist': Published('fmnist', '9b2bd7baa38e440e9c461f12dbb50a58850873e2f9538f295b5c7406d08d11bc'),
-    'denseresnet110_n4.fmnist': Published('fmnist', '04867ca154254823b7d177c0d7825bb452eccdd5c20a5b26c598562a072dd242'),
+    'denseresnet110_n4.fmnist': Published(
+        'fmnist', '167450fba88e4bd616de9523cd9dcfc87b0115d83a538a0a9be59373e5f8f653', gate_logit_scale=10.0),
     'resnet20.fmnist': Published('fmnist', 'e98e005c1f5b147edc16d656a67733a87e13fb23910ef7ccd4114a9f93ae3ccc'),
     'denseresnet20_n4.fmnist': Published(
         'fmnist', '48b7961ac736e7498a4712bc723aef2677d704b05acf08b7fe21203a5904daec', gate_logit_scale=10.0),
