@@ -1,4 +1,5 @@
 """The paper's Fig. 4: mean mixing weight ``w_ik`` per block i and offset i-k, drawn as a heat map."""
+import textwrap
 from typing import Dict, List, Optional
 
 __all__ = ['plot_gate_weights', 'matplotlib_installed', 'MATPLOTLIB_HINT']
@@ -31,8 +32,8 @@ def plot_gate_weights(w_mean: Dict[str, List[float]], path: str, title: Optional
     for row, block in enumerate(blocks):
         grid[row, :len(w_mean[block])] = w_mean[block]
 
-    height = max(4.0, 0.12 * len(blocks) + 1.5)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * offsets, height))
+    height, width = max(4.0, 0.12 * len(blocks) + 1.5), 1.0 + 0.9 * offsets
+    fig, ax = plt.subplots(figsize=(width, height))
     image = ax.imshow(grid, aspect='auto', cmap='viridis', vmin=0.0, vmax=1.0, interpolation='nearest')
     ax.set_xticks(range(offsets), [str(k + 1) for k in range(offsets)])
     ax.set_xlabel('offset i - k  (1 = shortcut of the previous block)')
@@ -40,7 +41,8 @@ def plot_gate_weights(w_mean: Dict[str, List[float]], path: str, title: Optional
     ax.set_yticks(range(0, len(blocks), step), [f'{i + 1} ({blocks[i]})' for i in range(0, len(blocks), step)],
                   fontsize=7)
     ax.set_ylabel('block i')
-    ax.set_title(title or 'mean mixing weight w_ik', fontsize=9)
+    # a run's name can be wider than a narrow heat map: wrap to about 10 characters of 9-point text per inch
+    ax.set_title(textwrap.fill(title or 'mean mixing weight w_ik', int(10 * width)), fontsize=9)
     fig.colorbar(image, ax=ax, label='mean w_ik')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
