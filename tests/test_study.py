@@ -289,6 +289,8 @@ def test_report_shows_each_dense_runs_gates_at_the_final_epoch(workspace):
 def test_report_writes_the_ablation_table_per_results_folder(workspace, tmp_path):
     results, card, docs = workspace
     card.write_text(CARD + '\n<!-- ablation-table:start -->\n<!-- ablation-table:end -->\n')
+    summary = tmp_path / 'SUMMARY.md'  # the model card: the same table where it has the markers
+    summary.write_text('# Model card\n\n<!-- ablation-table:start -->\n<!-- ablation-table:end -->\n')
     plan = tmp_path / 'plan.yaml'
     plan.write_text('results: x\narms:\n  resnet20: {model: resnet20}\n'
                     '  denseresnet20_n4-init3: {model: denseresnet20_n4, model_kwargs: [gate_init_logit=3.0]}\n'
@@ -297,6 +299,7 @@ def test_report_writes_the_ablation_table_per_results_folder(workspace, tmp_path
                        '--card', str(tmp_path / 'SUMMARY.md'), '--ablation', str(results),
                        '--ablation-plan', str(plan)]) == 0
     block = card.read_text().split('<!-- ablation-table:start -->')[1]
+    assert summary.read_text().split('<!-- ablation-table:start -->')[1] == block
     rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in block.splitlines() if line.startswith('| `')}
     assert list(rows) == ['`resnet20`', '`denseresnet20_n4-init3`']  # plan order; an arm without runs left out
     dense, base = ([_top1(results, f'{arm}-s{seed}') for seed in (0, 1)]

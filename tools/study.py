@@ -627,11 +627,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     new_card_text = card_text
     if '<!-- study-summary:start -->' in card_text:
         new_card_text = replace_block(card_text, summary_block(default_runs, runs), card, 'study-summary')
-    if '<!-- ablation-table:start -->' in text:
+    if '<!-- ablation-table:start -->' in text + card_text:  # the study's doc, the model card or both
         plan = yaml.safe_load(Path(args.ablation_plan).read_text())
         ablation = ablation_block(plan, [Path(folder) for folder in args.ablation])
         print(ablation)
-        new_text = replace_block(new_text, ablation, doc, 'ablation-table')
+        if '<!-- ablation-table:start -->' in text:
+            new_text = replace_block(new_text, ablation, doc, 'ablation-table')
+        if '<!-- ablation-table:start -->' in card_text:
+            new_card_text = replace_block(new_card_text, ablation, card, 'ablation-table')
     stale = [path for path, old, new in ((doc, text, new_text), (card, card_text, new_card_text)) if old != new]
     if args.check:
         for path in stale:
