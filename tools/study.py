@@ -362,6 +362,11 @@ def comparison_table(arms: Dict[str, Dict[int, Run]]) -> List[str]:
     return ['| ' + ' | '.join(row) + ' |' for row in cells]
 
 
+def wrap(text: str) -> str:
+    """A paragraph at the card's width; a command's hyphenated path is never split (it would not run if copied)."""
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False)
+
+
 def paper_line() -> str:
     from timm_denseres.paper import PAPER_TABLE
 
@@ -386,7 +391,7 @@ def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '', by_e
                 curves: str = CURVES_PNG) -> str:
     """The study's tables and figures (``figures``: the folder of the PNGs, relative to the document); one table
     per depth, or per depth and number of epochs (``by_epochs``)."""
-    lines = [textwrap.fill(paper_line(), WIDTH, break_on_hyphens=False), ''] if not by_epochs else []
+    lines = [wrap(paper_line()), ''] if not by_epochs else []
     if not runs:
         lines.append('No finished runs in `results/fmnist_study/` yet.')
     groups = by_schedule(runs) if by_epochs else by_depth(runs)
@@ -396,7 +401,7 @@ def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '', by_e
         caption = (f'**Depth {depth}** ({"/".join(map(str, epochs))} epochs; top-1 of the final-epoch weights on '
                    'all 10 000 test images; pp: percentage points; s per epoch: wall time of train.py per epoch, '
                    'with its per-epoch test pass):')
-        lines += [textwrap.fill(caption, WIDTH, break_on_hyphens=False), '', *comparison_table(arms), '']
+        lines += [wrap(caption), '', *comparison_table(arms), '']
         telemetry = telemetry_table([r for seeds in arms.values() for r in seeds.values()])
         if telemetry:
             lines += ['Gate telemetry at the final epoch (`gates.csv` of each run):', '', *telemetry, '']
@@ -408,7 +413,7 @@ def study_block(runs: List[Run], gates: Dict[str, dict], figures: str = '', by_e
                    f"`results/fmnist_study/gates_{name}.json` by `{record['command']}`"
                    + replaced_weights_note(record) + ':')
         figure = f'![mean gate weights w_ik of {name}]({figures}study_gates_{name}.png)'
-        lines += ['', textwrap.fill(caption, WIDTH, break_on_hyphens=False), '', figure]
+        lines += ['', wrap(caption), '', figure]
     return '\n'.join(lines).rstrip('\n')
 
 
@@ -469,7 +474,7 @@ def ablation_block(plan: dict, results: List[Path]) -> str:
         caption = (f'`{repo_path(str(folder))}` (train.py on {" and ".join(devices)}; top-1 of the final-epoch weights '
                    f'on all 10 000 test images; Δ: paired difference to the ResNet arm of the same seed; gates: the '
                    f'final epoch\'s telemetry, mean over the seeds):')
-        lines += [textwrap.fill(caption, WIDTH, break_on_hyphens=False), '']
+        lines += [wrap(caption), '']
         bases = [arm for arm in plan['arms'] if not plan['arms'][arm]['model'].startswith('dense') and arm in arms]
         head = ['arm', 'set-up', 'top-1 per seed (%)', 'mean ± std'] + [f'Δ `{b}`' for b in bases]
         head += ['train loss', 'v', 'shortcut w', 'w moved', 'entropy']
