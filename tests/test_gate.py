@@ -148,6 +148,7 @@ GATE_CASES = [
     (32, [32, 16, 16, 32], (9, 9), 2),  # masked: two inbounds zero-padded from 16 channels
     (24, [24, 16, 24, 8, 8, 24, 24], (5, 3), 4),  # N = 7, two padding widths
     (64, [64, 64, 32, 32, 32, 16], (1, 1), 8),  # a 1x1 map (the last stage of a small input)
+    (48, [48, 48, 24], (4, 4), 2),  # a hidden width (24) that is no power of two, as in DenseMobileNetV2
 ]
 
 

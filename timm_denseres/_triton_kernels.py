@@ -2,108 +2,30 @@
 
 - the mix: ``act(v * y + sum_k w_k * a_k)`` and its mean over H, W in one pass over the maps, and its backward in
   one pass (every input's gradient, the reductions for v and w included);
-- the mixing weights: ``v = sigmoid(s * l_v)`` and ``w = softmax(s * l_w)`` over the inbounds (padding left out)
-  from fc2's output, forward and backward in one launch each. The rest of the head (the mean of y, fc1, the
-  BatchNorm, fc2) is a handful of small PyTorch operations.
+- the head (``_triton_head.py``): from y and the inbounds' means to ``v = sigmoid(s * l_v)`` and
+  ``w = softmax(s * l_w)`` over the inbounds (padding left out) through fc1, the BatchNorm, ReLU and fc2, in two
+  launches forward and two backward.
 
-float32, bfloat16 or float16 maps (computed in float32), NCHW or channels_last, inbounds as wide as y or narrower (the zero padding
-is implied), up to ``MAX_INBOUNDS`` inbounds. Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels
-run on CPU tensors, which is how they are tested without a GPU. Imported only where a gate takes this path
-(``timm_denseres.gate``): a CPU-only PyTorch has no Triton.
+A gate is three launches forward and four backward. float32, bfloat16 or float16 maps (computed in float32), NCHW
+or channels_last, inbounds as wide as y or narrower (the zero padding is implied), up to ``MAX_INBOUNDS`` inbounds.
+Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors, which is how they are
+tested without a GPU. Imported only where a gate takes this path (``timm_denseres.gate``): a CPU-only PyTorch has
+no Triton.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ._triton_head import head_backward, head_forward
+from ._triton_tiles import column, columns, launch, launches, launching, map_offsets, map_tile, reduce_sum
+
 __all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'self_check', 'launches', 'launching']
 
 MAX_INBOUNDS = 8  # the kernels' inbound slots
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-launches = [0]  # kernel launches so far in this process (the operation counts of tools/benchmark.py read it)
-launching = [False]  # True during a launch
-
-
-# Reductions through tl.reduce with combine functions of this module: triton.language's own tl.sum and tl.max are
-# jit functions made when triton is imported, which the interpreter cannot call if that was before
-# TRITON_INTERPRET=1 was set (as in a test run)
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _larger(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _sum(x, axis):
-    return tl.reduce(x, axis, _add)
-
-
-@triton.jit
-def _max(x, axis):
-    return tl.reduce(x, axis, _larger)
-
-
-@triton.jit
-def _offsets(b, c, hw, channels, HW, CHANNELS_LAST: tl.constexpr):
-    """Element offsets of a (BLOCK_C, BLOCK_HW) tile of sample b in a map with ``channels`` channels."""
-    if CHANNELS_LAST:
-        return b * HW * channels + hw[None, :] * channels + c[:, None]
-    else:
-        return b * channels * HW + c[:, None] * HW + hw[None, :]
-
-
-@triton.jit
-def _tile(A, channels, b, c, hw, mask_hw, HW, CHANNELS_LAST: tl.constexpr):
-    """An inbound's tile in float32 (zero where it has no such channel) and its offsets and mask."""
-    offs = _offsets(b, c, hw, channels, HW, CHANNELS_LAST)
-    mask = (c[:, None] < channels) & mask_hw[None, :]
-    return tl.load(A + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
-
-
-@triton.jit
-def _row(P, b, k, rows, C, c, mask_c):
-    """Row k of sample b of a (B, rows, C) tensor, in float32."""
-    return tl.load(P + (b * rows + k) * C + c, mask=mask_c, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _column(P, row_stride, b, k, C, c, mask_c, scale):
-    """Row k of sample b of a (B, rows, C) tensor (row_stride = rows * C) as a (BLOCK_C, 1) float32 column."""
-    return (tl.load(P + b * row_stride + k * C + c, mask=mask_c, other=0.0).to(tl.float32) * scale)[:, None]
-
-
-@triton.jit
-def _columns(P, row_stride, b, first, C, c, mask_c, scale, N: tl.constexpr):
-    """Rows first .. first + N - 1 (N <= 8) of sample b as columns (:func:`_column`), zeros in the slots past N."""
-    r0 = _column(P, row_stride, b, first, C, c, mask_c, scale)
-    r1 = r0 * 0.0
-    r2 = r1
-    r3 = r1
-    r4 = r1
-    r5 = r1
-    r6 = r1
-    r7 = r1
-    if N > 1:
-        r1 = _column(P, row_stride, b, first + 1, C, c, mask_c, scale)
-    if N > 2:
-        r2 = _column(P, row_stride, b, first + 2, C, c, mask_c, scale)
-    if N > 3:
-        r3 = _column(P, row_stride, b, first + 3, C, c, mask_c, scale)
-    if N > 4:
-        r4 = _column(P, row_stride, b, first + 4, C, c, mask_c, scale)
-    if N > 5:
-        r5 = _column(P, row_stride, b, first + 5, C, c, mask_c, scale)
-    if N > 6:
-        r6 = _column(P, row_stride, b, first + 6, C, c, mask_c, scale)
-    if N > 7:
-        r7 = _column(P, row_stride, b, first + 7, C, c, mask_c, scale)
-    return r0, r1, r2, r3, r4, r5, r6, r7
 
 
 @triton.jit
@@ -116,33 +38,33 @@ def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    v = _column(V, C, b, 0, C, c, mask_c, 1.0)
-    w0, w1, w2, w3, w4, w5, w6, w7 = _columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
+    v = column(V, C, b, 0, C, c, mask_c, 1.0)
+    w0, w1, w2, w3, w4, w5, w6, w7 = columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
     total = tl.full([BLOCK_C], 0.0, tl.float32)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask_hw = hw < HW
-        y, offs, mask = _tile(Y, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)
-        out = v * y + w0 * _tile(A0, C0, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+        y, offs, mask = map_tile(Y, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)
+        out = v * y + w0 * map_tile(A0, C0, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 1:
-            out += w1 * _tile(A1, C1, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w1 * map_tile(A1, C1, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 2:
-            out += w2 * _tile(A2, C2, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w2 * map_tile(A2, C2, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 3:
-            out += w3 * _tile(A3, C3, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w3 * map_tile(A3, C3, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 4:
-            out += w4 * _tile(A4, C4, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w4 * map_tile(A4, C4, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 5:
-            out += w5 * _tile(A5, C5, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w5 * map_tile(A5, C5, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 6:
-            out += w6 * _tile(A6, C6, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w6 * map_tile(A6, C6, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if N_IN > 7:
-            out += w7 * _tile(A7, C7, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out += w7 * map_tile(A7, C7, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
         if RELU:
             out = tl.maximum(out, 0.0)
         out = out.to(OUT.dtype.element_ty)
         tl.store(OUT + offs, out, mask=mask)
-        total += _sum(tl.where(mask, out.to(tl.float32), 0.0), axis=1)
+        total += reduce_sum(tl.where(mask, out.to(tl.float32), 0.0), axis=1)
     tl.store(OUT_MEAN + b * C + c, (total * inv_hw).to(OUT_MEAN.dtype.element_ty), mask=mask_c)
 
 
@@ -151,13 +73,13 @@ def _inbound_grad(g, A, GA, channels, w, grad_mean, b, c, hw, mask_hw, HW, REDUC
                   WRITE: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """WRITE: stores an inbound's gradient ``g * w`` plus its mean's (its own channels); REDUCE: returns its share
     of w's."""
-    offs = _offsets(b, c, hw, channels, HW, CHANNELS_LAST)
+    offs = map_offsets(b, c, hw, channels, HW, CHANNELS_LAST)
     mask = (c[:, None] < channels) & mask_hw[None, :]
     if WRITE:
         tl.store(GA + offs, (g * w + grad_mean).to(GA.dtype.element_ty), mask=mask)
     share = tl.full([g.shape[0]], 0.0, tl.float32)
     if REDUCE:
-        share = _sum(g * tl.load(A + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
+        share = reduce_sum(g * tl.load(A + offs, mask=mask, other=0.0).to(tl.float32), axis=1)
     return share
 
 
@@ -177,16 +99,16 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    v = _column(V, C, b, 0, C, c, mask_c, 1.0)
+    v = column(V, C, b, 0, C, c, mask_c, 1.0)
     grad_mean = tl.full([BLOCK_C, 1], 0.0, tl.float32)
     if HAS_GM:  # the output mean's gradient, spread over H, W
-        grad_mean = _column(GM, C, b, 0, C, c, mask_c, inv_hw)
+        grad_mean = column(GM, C, b, 0, C, c, mask_c, inv_hw)
     gm_y = tl.full([BLOCK_C, 1], 0.0, tl.float32)
     gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7 = gm_y, gm_y, gm_y, gm_y, gm_y, gm_y, gm_y, gm_y
     if HAS_GYM:
-        gm_y = _columns(GYM, gym_stride, b, 0, C, c, mask_c, inv_hw, 1)[0]
-        gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7 = _columns(GYM, gym_stride, b, 1, C, c, mask_c, inv_hw, N_IN)
-    w0, w1, w2, w3, w4, w5, w6, w7 = _columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
+        gm_y = columns(GYM, gym_stride, b, 0, C, c, mask_c, inv_hw, 1)[0]
+        gm0, gm1, gm2, gm3, gm4, gm5, gm6, gm7 = columns(GYM, gym_stride, b, 1, C, c, mask_c, inv_hw, N_IN)
+    w0, w1, w2, w3, w4, w5, w6, w7 = columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
     grad_v = tl.full([BLOCK_C], 0.0, tl.float32)
     gw0 = tl.full([BLOCK_C], 0.0, tl.float32)
     gw1 = gw0
@@ -199,14 +121,14 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         mask_hw = hw < HW
-        g, offs, mask = _tile(G, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)
+        g, offs, mask = map_tile(G, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)
         g = g + grad_mean
         if RELU:
-            out = _tile(OUT, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
+            out = map_tile(OUT, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0]
             g = tl.where(out > 0.0, g, 0.0)
         g = tl.where(mask, g, 0.0)
         if REDUCE:
-            grad_v += _sum(g * _tile(Y, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0], axis=1)
+            grad_v += reduce_sum(g * map_tile(Y, C, b, c, hw, mask_hw, HW, CHANNELS_LAST)[0], axis=1)
         if WRITE:
             tl.store(GY + offs, (g * v + gm_y).to(GY.dtype.element_ty), mask=mask)
         gw0 += _inbound_grad(g, A0, GA0, C0, w0, gm0, b, c, hw, mask_hw, HW, REDUCE, WRITE,
@@ -251,93 +173,6 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
             tl.store(GW + (b * N_IN + 7) * C + c, gw7, mask=mask_c)
 
 
-@triton.jit
-def _pool_kernel(Y, G, M0, M1, M2, M3, M4, M5, M6, M7, C, HW, inv_hw, N_IN: tl.constexpr,
-                 CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """The gate's input g = [mean of y over H, W, the inbounds' means] (B, (n + 1) * C), float32."""
-    pid = tl.program_id(0)
-    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
-    b = (pid // blocks_c).to(tl.int64)
-    c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    total = tl.full([BLOCK_C], 0.0, tl.float32)
-    for start in range(0, HW, BLOCK_HW):
-        hw = start + tl.arange(0, BLOCK_HW)
-        total += _sum(_tile(Y, C, b, c, hw, hw < HW, HW, CHANNELS_LAST)[0], axis=1)
-    row = G + b * (N_IN + 1) * C + c
-    tl.store(row, total * inv_hw, mask=mask_c)
-    tl.store(row + C, _row(M0, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 1:
-        tl.store(row + 2 * C, _row(M1, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 2:
-        tl.store(row + 3 * C, _row(M2, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 3:
-        tl.store(row + 4 * C, _row(M3, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 4:
-        tl.store(row + 5 * C, _row(M4, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 5:
-        tl.store(row + 6 * C, _row(M5, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 6:
-        tl.store(row + 7 * C, _row(M6, b, 0, 1, C, c, mask_c), mask=mask_c)
-    if N_IN > 7:
-        tl.store(row + 8 * C, _row(M7, b, 0, 1, C, c, mask_c), mask=mask_c)
-
-
-@triton.jit
-def _weights_tile(L, VALID, b, c, mask_c, C, scale, N_IN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets, mask and scaled logits of the inbounds' weights, a (BLOCK_N, BLOCK_C) tile; padding is -inf."""
-    k = tl.arange(0, BLOCK_N)
-    valid = tl.load(VALID + k, mask=k < N_IN, other=0)
-    rows = (k[:, None] < N_IN) & mask_c[None, :]
-    real = rows & (c[None, :] < valid[:, None])
-    logits = tl.load(L + b * (N_IN + 1) * C + (k[:, None] + 1) * C + c[None, :], mask=real, other=0.0)
-    return rows, real, tl.where(real, logits.to(tl.float32) * scale, float('-inf'))
-
-
-@triton.jit
-def _weights_fwd_kernel(L, VALID, V, W, C, scale, N_IN: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
-    b = (pid // blocks_c).to(tl.int64)
-    c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    v_logit = tl.load(L + b * (N_IN + 1) * C + c, mask=mask_c, other=0.0).to(tl.float32) * scale
-    tl.store(V + b * C + c, 1.0 / (1.0 + tl.exp(-v_logit)), mask=mask_c)
-    rows, real, z = _weights_tile(L, VALID, b, c, mask_c, C, scale, N_IN, BLOCK_N)
-    top = _max(z, axis=0)
-    top = tl.where(top == float('-inf'), 0.0, top)  # only the tile's columns past C
-    e = tl.where(real, tl.exp(z - top[None, :]), 0.0)
-    total = _sum(e, axis=0)
-    total = tl.where(total > 0.0, total, 1.0)
-    k = tl.arange(0, BLOCK_N)
-    tl.store(W + (b * N_IN + k[:, None]) * C + c[None, :], e / total[None, :], mask=rows)
-
-
-@triton.jit
-def _weights_bwd_kernel(GV, GW, V, W, GL, C, scale, HAS_GV: tl.constexpr, HAS_GW: tl.constexpr,
-                        N_IN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    blocks_c = (C + BLOCK_C - 1) // BLOCK_C
-    b = (pid // blocks_c).to(tl.int64)
-    c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    grad_v_logit = tl.full([BLOCK_C], 0.0, tl.float32)
-    if HAS_GV:
-        v = tl.load(V + b * C + c, mask=mask_c, other=0.0)
-        grad_v_logit = tl.load(GV + b * C + c, mask=mask_c, other=0.0).to(tl.float32) * v * (1.0 - v) * scale
-    tl.store(GL + b * (N_IN + 1) * C + c, grad_v_logit, mask=mask_c)
-    k = tl.arange(0, BLOCK_N)
-    rows = (k[:, None] < N_IN) & mask_c[None, :]
-    grad_w_logits = tl.full([BLOCK_N, BLOCK_C], 0.0, tl.float32)
-    if HAS_GW:  # softmax: w * (g - sum_j w_j g_j)
-        offs = (b * N_IN + k[:, None]) * C + c[None, :]
-        w = tl.load(W + offs, mask=rows, other=0.0)
-        g = tl.load(GW + offs, mask=rows, other=0.0).to(tl.float32)
-        grad_w_logits = w * (g - _sum(w * g, axis=0)[None, :]) * scale
-    tl.store(GL + b * (N_IN + 1) * C + (k[:, None] + 1) * C + c[None, :], grad_w_logits, mask=rows)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # launching
 
@@ -362,15 +197,6 @@ def _widths(inbounds: Sequence[torch.Tensor]) -> List[int]:
     return [a.shape[1] for a in inbounds] + [0] * (MAX_INBOUNDS - len(inbounds))
 
 
-def _launch(kernel, grid: Tuple[int], *args, **meta) -> None:
-    launches[0] += 1
-    launching[0] = True  # the interpreter runs PyTorch operations of its own; an operation count leaves them out
-    try:
-        kernel[grid](*args, **meta)
-    finally:
-        launching[0] = False
-
-
 def _out_dtype(y: torch.Tensor, inbounds: Sequence[torch.Tensor]) -> torch.dtype:
     dtypes = {y.dtype, *(a.dtype for a in inbounds)}
     if len(dtypes) == 1:
@@ -386,16 +212,6 @@ def _map_grid(y: torch.Tensor) -> Tuple[Tuple[int], dict]:
                                                             BLOCK_HW=block_hw)
 
 
-def _pool(y: torch.Tensor, means: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The gate's input [mean of y, the inbounds' means], (B, (n + 1) * C) float32."""
-    batch, channels, height, width = y.shape
-    g = torch.empty((batch, (len(means) + 1) * channels), device=y.device, dtype=torch.float32)
-    grid, meta = _map_grid(y)
-    _launch(_pool_kernel, grid, y, g, *_slots(means, g), channels, height * width, 1.0 / (height * width),
-            N_IN=len(means), **meta)
-    return g
-
-
 def _mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: Sequence[torch.Tensor], relu: bool,
          reuse_y: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     batch, channels, height, width = y.shape
@@ -403,46 +219,17 @@ def _mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: Sequence[t
     out = y if reuse_y and dtype == y.dtype else torch.empty_like(y, dtype=dtype)
     out_mean = torch.empty((batch, channels), device=y.device, dtype=dtype)
     grid, meta = _map_grid(y)
-    _launch(_mix_fwd_kernel, grid, y, v, w, out, out_mean, *_slots(inbounds, y), *_widths(inbounds), channels,
+    launch(_mix_fwd_kernel, grid, y, v, w, out, out_mean, *_slots(inbounds, y), *_widths(inbounds), channels,
             height * width, 1.0 / (height * width), N_IN=len(inbounds), RELU=relu, **meta)
     return out, out_mean
 
 
-_valid_cache: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
-
-
-def _valid_tensor(valid_channels: Sequence[int], device: torch.device) -> torch.Tensor:
-    key = (tuple(valid_channels), device)
-    if key not in _valid_cache:
-        with torch.inference_mode(False):
-            _valid_cache[key] = torch.tensor(valid_channels, dtype=torch.int32, device=device)
-    return _valid_cache[key]
-
-
-def _weight_grid(batch: int, channels: int, num_inbounds: int) -> Tuple[Tuple[int], dict]:
-    block_c = min(triton.next_power_of_2(channels), 128)
-    return (batch * triton.cdiv(channels, block_c),), dict(BLOCK_N=triton.next_power_of_2(num_inbounds),
-                                                            BLOCK_C=block_c, N_IN=num_inbounds)
-
-
-def _weights(logits: torch.Tensor, scale: float, valid_channels: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fc2's output (B, (n + 1) * C) to v (B, C) and w (B, n, C), float32."""
-    batch, num_inbounds = logits.shape[0], len(valid_channels)
-    channels = logits.shape[1] // (num_inbounds + 1)
-    v = torch.empty((batch, channels), device=logits.device, dtype=torch.float32)
-    w = torch.empty((batch, num_inbounds, channels), device=logits.device, dtype=torch.float32)
-    grid, meta = _weight_grid(batch, channels, num_inbounds)
-    _launch(_weights_fwd_kernel, grid, logits, _valid_tensor(valid_channels, logits.device), v, w, channels, scale,
-            **meta)
-    return v, w
-
-
 class _GateFn(torch.autograd.Function):
-    """A whole gate as one autograd node: its input g (one kernel), fc1, BatchNorm, ReLU and fc2 (PyTorch, in the
-    parameters' dtype), v and w (one kernel), the mix and its mean (one kernel). Backward: v's and w's gradients
-    (one pass over the maps), the head's, then every map's gradient in a second pass, where y and each inbound also
-    take the gradient of their mean in g. The inbounds' means are the means of the inbounds (the history keeps
-    them so), so their gradient goes to the maps here and none to the means: autograd adds nothing up for them."""
+    """A whole gate as one autograd node: the head (two launches, ``_triton_head.py``) and the mix with its mean
+    (one). Backward: v's and w's gradients (one pass over the maps), the head's (two launches), then every map's
+    gradient in a second pass, where y and each inbound also take the gradient of their mean in g. The inbounds'
+    means are the means of the inbounds (the history keeps them so), so their gradient goes to the maps here and
+    none to the means: autograd adds nothing up for them."""
 
     @staticmethod
     def forward(ctx, settings: tuple, y: torch.Tensor, y_mixed: Optional[torch.Tensor], num_inbounds: int,
@@ -450,20 +237,13 @@ class _GateFn(torch.autograd.Function):
         relu, scale, valid_channels, use_batch_stats, running, momentum, eps = settings
         inbounds, means = tensors[:num_inbounds], tensors[num_inbounds:2 * num_inbounds]
         fc1, bn_weight, bn_bias, fc2, fc2_bias = tensors[2 * num_inbounds:]
-        running_mean, running_var = running
-        with torch.autocast(y.device.type, enabled=False):
-            g = _pool(y, means).to(fc1.dtype)
-            z = torch.mm(g, fc1.flatten(1).t())
-            z_norm, save_mean, save_invstd = torch.native_batch_norm(
-                z, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps)
-            h = torch.relu(z_norm)
-            logits = torch.addmm(fc2_bias, h, fc2.flatten(1).t())
-            v, w = _weights(logits, scale, valid_channels)
+        v, w, saved = head_forward(y, means, _channels_last(y), fc1, (bn_weight, bn_bias), running, use_batch_stats,
+                                   momentum, eps, fc2, fc2_bias, scale, valid_channels, for_backward=True)
         mixed = y if y_mixed is None else y_mixed
         out, out_mean = _mix(mixed, v, w, inbounds, relu, reuse_y=False)
         ctx.settings = settings
         ctx.num_inbounds, ctx.two_ys = num_inbounds, y_mixed is not None
-        ctx.save_for_backward(out, mixed, v, w, g, z, h, save_mean, save_invstd, *inbounds, fc1, bn_weight, fc2)
+        ctx.save_for_backward(out, mixed, v, w, *saved, *inbounds, fc1, bn_weight, fc2)
         ctx.mark_non_differentiable(v, w)
         ctx.set_materialize_grads(False)
         return out, out_mean, v, w
@@ -472,8 +252,8 @@ class _GateFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor], _grad_v, _grad_w):
         relu, scale, valid_channels, use_batch_stats, running, momentum, eps = ctx.settings
-        out, y, v, w, g, z, h, save_mean, save_invstd, *rest = ctx.saved_tensors
-        inbounds, (fc1, bn_weight, fc2) = rest[:ctx.num_inbounds], rest[ctx.num_inbounds:]
+        out, y, v, w, *rest = ctx.saved_tensors
+        saved, inbounds, (fc1, bn_weight, fc2) = rest[:5], rest[5:5 + ctx.num_inbounds], rest[5 + ctx.num_inbounds:]
         batch, channels, height, width = y.shape
         memory_format = torch.channels_last if _channels_last(y) else torch.contiguous_format
         grad = torch.zeros_like(out) if grad is None else grad.contiguous(memory_format=memory_format)
@@ -483,34 +263,21 @@ class _GateFn(torch.autograd.Function):
         hw = height * width
         grad_v = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
         grad_w = torch.empty((batch, len(inbounds), channels), device=y.device, dtype=torch.float32)
-        _launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad, grad, grad_v, grad_w,
-                *_slots(inbounds, y), *_slots([], y), *_widths(inbounds), channels, hw, 1.0 / hw, 0,
-                HAS_GM=has_mean, HAS_GYM=False, N_IN=len(inbounds), RELU=relu, REDUCE=True, WRITE=False, **meta)
-        grad_logits = torch.empty((batch, (len(inbounds) + 1) * channels), device=y.device, dtype=torch.float32)
-        weight_grid, weight_meta = _weight_grid(batch, channels, len(inbounds))
-        _launch(_weights_bwd_kernel, weight_grid, grad_v, grad_w, v, w, grad_logits, channels, scale, HAS_GV=True,
-                HAS_GW=True, **weight_meta)
-        grad_logits = grad_logits.to(fc2.dtype)
-        grad_fc2_bias = grad_logits.sum(0)
-        grad_fc2 = torch.mm(grad_logits.t(), h).view(fc2.shape)
-        grad_h = torch.mm(grad_logits, fc2.flatten(1))
-        grad_z_norm = torch.ops.aten.threshold_backward(grad_h, h, 0)
-        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z_norm, z, bn_weight, running[0], running[1], save_mean, save_invstd, use_batch_stats, eps,
-            [True, True, True])
-        grad_g = torch.mm(grad_z, fc1.flatten(1))
-        grad_fc1 = torch.mm(grad_z.t(), g).view(fc1.shape)
+        launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad, grad, grad_v, grad_w,
+               *_slots(inbounds, y), *_slots([], y), *_widths(inbounds), channels, hw, 1.0 / hw, 0,
+               HAS_GM=has_mean, HAS_GYM=False, N_IN=len(inbounds), RELU=relu, REDUCE=True, WRITE=False, **meta)
+        grad_g, (grad_fc1, grad_bn_weight, grad_bn_bias, grad_fc2, grad_fc2_bias) = head_backward(
+            grad_v, grad_w, v, w, saved, fc1, bn_weight, running, use_batch_stats, eps, fc2, scale)
         grad_mixed = torch.empty_like(y)
         grad_inbounds = [torch.empty_like(a) for a in inbounds]
         grad_y = None
         if ctx.two_ys:  # y's mean alone reaches y; the mix reaches the y that was mixed (after drop-path)
             grad_y = (grad_g[:, :channels] / hw).to(y.dtype)[:, :, None, None].expand(y.shape)
-        if ctx.two_ys:  # the mix's y, without the share of y's mean (grad_y): row 0 of g's gradient left out
-            grad_g[:, :channels] = 0
-        _launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad_mixed, grad_g, grad_v, grad_w,
-                *_slots(inbounds, y), *_slots(grad_inbounds, grad_mixed), *_widths(inbounds), channels, hw,
-                1.0 / hw, grad_g.stride(0), HAS_GM=has_mean, HAS_GYM=True, N_IN=len(inbounds),
-                RELU=relu, REDUCE=False, WRITE=True, **meta)
+            grad_g[:, :channels] = 0  # the mix's y, without the share of y's mean
+        launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad_mixed, grad_g, grad_v, grad_w,
+               *_slots(inbounds, y), *_slots(grad_inbounds, grad_mixed), *_widths(inbounds), channels, hw,
+               1.0 / hw, grad_g.stride(0), HAS_GM=has_mean, HAS_GYM=True, N_IN=len(inbounds),
+               RELU=relu, REDUCE=False, WRITE=True, **meta)
         grad_means = [None] * len(inbounds)  # in the inbounds' gradients
         if not ctx.two_ys:  # y's gradient, its mean's share included
             grad_y, grad_mixed = grad_mixed, None
@@ -523,22 +290,20 @@ def run_gate(gate, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[to
     """The block output, its mean, v and w: the gate's computation (its modules' parameters, its BatchNorm's
     running statistics updated as the module would) by these kernels."""
     bn = gate.bn
-    use_batch_stats = bn.use_batch_stats(y.shape[0])
+    counts = bn.momentum is not None and bn.num_batches_tracked is not None  # the kernel counts the batch
+    use_batch_stats = bn.use_batch_stats(y.shape[0], count=not counts)
+    tracked = bn.num_batches_tracked if counts and use_batch_stats else None
     params = (gate.fc1.weight, bn.weight, bn.bias, gate.fc2.weight, gate.fc2.bias)
     relu = type(gate.out_act) is torch.nn.ReLU
     settings = (relu, gate.logit_scale, gate.weights.valid_channels, use_batch_stats,
-                (bn.running_mean, bn.running_var), bn.running_momentum(use_batch_stats), bn.eps)
+                (bn.running_mean, bn.running_var, tracked), bn.running_momentum(use_batch_stats), bn.eps)
     means = [m.contiguous() for m in means]
     if torch.is_grad_enabled() and any(t.requires_grad for t in [y, y_mixed, *inbounds, *means, *params]):
         mixed = None if y_mixed is y else y_mixed
         return _GateFn.apply(settings, y, mixed, len(inbounds), *inbounds, *means, *params)
-    with torch.autocast(y.device.type, enabled=False):
-        fc1 = params[0]
-        z = torch.mm(_pool(y, means).to(fc1.dtype), fc1.flatten(1).t())
-        h = torch.relu(torch.native_batch_norm(z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                               use_batch_stats, settings[5], bn.eps)[0])
-        logits = torch.addmm(gate.fc2.bias, h, gate.fc2.weight.flatten(1).t())
-        v, w = _weights(logits, gate.logit_scale, gate.weights.valid_channels)
+    v, w, _ = head_forward(y, means, _channels_last(y), params[0], params[1:3], settings[4], use_batch_stats,
+                           settings[5], bn.eps, params[3], params[4], gate.logit_scale, gate.weights.valid_channels,
+                           for_backward=False)
     out, out_mean = _mix(y_mixed, v, w, inbounds, relu, reuse_y=y_mixed is y)
     return out, out_mean, v, w
 
@@ -585,7 +350,8 @@ def _check_gate(device: torch.device) -> None:
     params = [torch.randn(hidden, 2 * channels, 1, 1, device=device), torch.ones(hidden, device=device),
               torch.zeros(hidden, device=device), torch.randn(2 * channels, hidden, 1, 1, device=device),
               torch.zeros(2 * channels, device=device)]
-    running = (torch.zeros(hidden, device=device), torch.ones(hidden, device=device))
+    running = (torch.zeros(hidden, device=device), torch.ones(hidden, device=device),
+               torch.zeros((), dtype=torch.long, device=device))
     settings = (True, 1.0, [channels], True, running, 0.1, 1e-5)
     out, out_mean, _, _ = _GateFn.apply(settings, y, None, 1, a, a.detach().mean((2, 3)), *params)
     torch.autograd.grad(out.sum() + out_mean.sum(), [y, a])

@@ -81,10 +81,11 @@ class GateBatchNorm(nn.BatchNorm2d):
     normalised with the running statistics (as in eval mode), which it leaves as they are.
     """
 
-    def use_batch_stats(self, batch_size: int) -> bool:
-        """Whether a batch is normalised with its own statistics; if so, counts it as BatchNorm does."""
+    def use_batch_stats(self, batch_size: int, count: bool = True) -> bool:
+        """Whether a batch is normalised with its own statistics; if so and ``count``, counts it as BatchNorm does
+        (a kernel that counts it itself passes False)."""
         use_batch_stats = self.training and batch_size > 1
-        if use_batch_stats and self.num_batches_tracked is not None:
+        if count and use_batch_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return use_batch_stats
 

@@ -1,0 +1,366 @@
+"""The gate's head in Triton: from the maps' means to v and w in two launches, and back in two.
+
+Forward: the gate's input ``g = [mean of y over H, W, the inbounds' means]`` and fc1's output ``z = fc1 g`` per
+sample (one program a sample reads its y once); then the BatchNorm (the batch's statistics, or the running ones),
+ReLU, fc2 and the logit scale, ``v = sigmoid(l_v)`` and the masked softmax ``w`` over the inbounds. Backward: the
+logits' gradient and h's (through fc2 and the ReLU) per block of samples; then per block of columns of g the
+BatchNorm's backward, g's gradient and every weight's. The matrices are small (the hidden width M is 8-80 in the
+registered models), so each product is a broadcast and a sum over a tile. All in float32; z, h, g and the logits'
+gradient stay in float32 buffers between the launches.
+"""
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_tiles import launch, map_tile, reduce_sum, row
+
+__all__ = ['head_forward', 'head_backward']
+
+TILE = 4096  # elements of the largest 3-d product tile of a program
+POOL_TILE = 8192  # elements of y a program reads at once (one program reads a whole sample)
+
+
+@triton.jit
+def _fc1_share(FC1, G, b, width, first, x, c, mask_c, m, mask_m, STORE_G: tl.constexpr):
+    """One slot of g (columns first + c, values x) times fc1's columns there, summed: its share of z[b]."""
+    if STORE_G:
+        tl.store(G + b * width + first + c, x, mask=mask_c)
+    weight = tl.load(FC1 + m[:, None] * width + first + c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+    return reduce_sum(weight.to(tl.float32) * x[None, :], axis=1)
+
+
+@triton.jit
+def _head_in_kernel(Y, G, Z, FC1, M0, M1, M2, M3, M4, M5, M6, M7, C, HW, inv_hw, M, N_IN: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, STORE_G: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_HW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Sample b: g[b] (STORE_G) and z[b] = fc1 g[b], float32."""
+    b = tl.program_id(0).to(tl.int64)
+    width = (N_IN + 1) * C
+    m = tl.arange(0, BLOCK_M)
+    mask_m = m < M
+    z = tl.full([BLOCK_M], 0.0, tl.float32)
+    for first in range(0, C, BLOCK_C):
+        c = first + tl.arange(0, BLOCK_C)
+        mask_c = c < C
+        total = tl.full([BLOCK_C], 0.0, tl.float32)
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + tl.arange(0, BLOCK_HW)
+            total += reduce_sum(map_tile(Y, C, b, c, hw, hw < HW, HW, CHANNELS_LAST)[0], axis=1)
+        z += _fc1_share(FC1, G, b, width, 0, total * inv_hw, c, mask_c, m, mask_m, STORE_G)
+        z += _fc1_share(FC1, G, b, width, C, row(M0, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 1:
+            z += _fc1_share(FC1, G, b, width, 2 * C, row(M1, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 2:
+            z += _fc1_share(FC1, G, b, width, 3 * C, row(M2, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 3:
+            z += _fc1_share(FC1, G, b, width, 4 * C, row(M3, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 4:
+            z += _fc1_share(FC1, G, b, width, 5 * C, row(M4, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 5:
+            z += _fc1_share(FC1, G, b, width, 6 * C, row(M5, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 6:
+            z += _fc1_share(FC1, G, b, width, 7 * C, row(M6, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+        if N_IN > 7:
+            z += _fc1_share(FC1, G, b, width, 8 * C, row(M7, b, 0, 1, C, c, mask_c), c, mask_c, m, mask_m, STORE_G)
+    tl.store(Z + b * M + m, z, mask=mask_m)
+
+
+@triton.jit
+def _hidden_tile(P, rows, mask_b, m, mask_m, M):
+    """Rows ``rows`` of a (B, M) float32 buffer, zero outside it, and the tile's mask."""
+    mask = mask_b[:, None] & mask_m[None, :]
+    return tl.load(P + rows[:, None] * M + m[None, :], mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
+def _bn_statistics(Z, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, batch, M, m, mask_m, momentum, eps, update,
+                   BATCH_STATS: tl.constexpr, COUNT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The BatchNorm's mean and inverse standard deviation per hidden unit: the batch's (where ``update``, also
+    saved for backward, the running statistics moved as BatchNorm moves them and, COUNT, the batch counted in
+    ``num_batches_tracked``) or the running ones."""
+    if BATCH_STATS:
+        total = m * 0.0
+        for first in range(0, batch, BLOCK_B):
+            rows = first + tl.arange(0, BLOCK_B)
+            total += reduce_sum(_hidden_tile(Z, rows, rows < batch, m, mask_m, M)[0], axis=0)
+        mean = total / batch
+        squares = m * 0.0
+        for first in range(0, batch, BLOCK_B):
+            rows = first + tl.arange(0, BLOCK_B)
+            z, mask = _hidden_tile(Z, rows, rows < batch, m, mask_m, M)
+            deviation = tl.where(mask, z - mean[None, :], 0.0)
+            squares += reduce_sum(deviation * deviation, axis=0)
+        var = squares / batch
+        invstd = 1.0 / tl.sqrt(var + eps)
+        mask_update = mask_m & update
+        tl.store(SAVE_MEAN + m, mean, mask=mask_update)
+        tl.store(SAVE_INVSTD + m, invstd, mask=mask_update)
+        running_mean = tl.load(RUN_MEAN + m, mask=mask_m, other=0.0).to(tl.float32)
+        running_var = tl.load(RUN_VAR + m, mask=mask_m, other=1.0).to(tl.float32)
+        unbiased = var * (batch / (batch - 1.0))  # batch statistics only where the batch has two samples or more
+        tl.store(RUN_MEAN + m, ((1.0 - momentum) * running_mean + momentum * mean).to(RUN_MEAN.dtype.element_ty),
+                 mask=mask_update)
+        tl.store(RUN_VAR + m, ((1.0 - momentum) * running_var + momentum * unbiased).to(RUN_VAR.dtype.element_ty),
+                 mask=mask_update)
+        if COUNT:
+            tl.store(TRACKED, tl.load(TRACKED, mask=update, other=0) + 1, mask=update)
+    else:
+        mean = tl.load(RUN_MEAN + m, mask=mask_m, other=0.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(tl.load(RUN_VAR + m, mask=mask_m, other=1.0).to(tl.float32) + eps)
+    return mean, invstd
+
+
+@triton.jit
+def _logits(h, FC2, FC2_BIAS, first, c, mask_c, m, mask_m, M, scale):
+    """fc2's outputs ``first + c`` for the rows of h, times the logit scale: (BLOCK_B, BLOCK_C)."""
+    weight = tl.load(FC2 + (first + c[:, None]) * M + m[None, :], mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+    bias = tl.load(FC2_BIAS + first + c, mask=mask_c, other=0.0).to(tl.float32)
+    return (reduce_sum(h[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2) + bias[None, :]) * scale
+
+
+@triton.jit
+def _inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale):
+    """Inbound k's logits, -inf in the channels its zero padding made."""
+    logits = _logits(h, FC2, FC2_BIAS, (k + 1) * C, c, mask_c, m, mask_m, M, scale)
+    return tl.where(c[None, :] < tl.load(VALID + k), logits, float('-inf'))
+
+
+@triton.jit
+def _head_out_kernel(Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, FC2, FC2_BIAS,
+                     VALID, V, W, batch, C, M, momentum, eps, scale, N_IN: tl.constexpr, BATCH_STATS: tl.constexpr,
+                     COUNT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """Channels ``c`` of samples ``rows``: h = ReLU(BatchNorm(z)) (STORE_H: stored, by the programs of the first
+    channels), v = sigmoid(l_v) and w = the softmax of the inbounds' logits; the first program updates the
+    BatchNorm's statistics."""
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    m = tl.arange(0, BLOCK_M)
+    mask_m = m < M
+    mean, invstd = _bn_statistics(Z, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, batch, M, m, mask_m,
+                                  momentum, eps, (pid_c == 0) & (pid_b == 0), BATCH_STATS, COUNT, BLOCK_B)
+    bn_scale = tl.load(BN_WEIGHT + m, mask=mask_m, other=0.0).to(tl.float32) * invstd
+    bn_shift = tl.load(BN_BIAS + m, mask=mask_m, other=0.0).to(tl.float32) - mean * bn_scale
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rows < batch
+    z, mask_h = _hidden_tile(Z, rows, mask_b, m, mask_m, M)
+    h = tl.where(mask_h, tl.maximum(z * bn_scale[None, :] + bn_shift[None, :], 0.0), 0.0)
+    if STORE_H:
+        tl.store(H + rows[:, None] * M + m[None, :], h, mask=mask_h & (pid_c == 0))
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = c < C
+    mask = mask_b[:, None] & mask_c[None, :]
+    v_logits = _logits(h, FC2, FC2_BIAS, 0, c, mask_c, m, mask_m, M, scale)
+    tl.store(V + rows[:, None] * C + c[None, :], 1.0 / (1.0 + tl.exp(-v_logits)), mask=mask)
+    top = tl.full([BLOCK_B, BLOCK_C], float('-inf'), tl.float32)  # the softmax, online: largest logit so far
+    total = tl.full([BLOCK_B, BLOCK_C], 0.0, tl.float32)  # and the sum of exp(logit - top)
+    for k in range(N_IN):
+        logits = _inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale)
+        new_top = tl.maximum(top, logits)
+        shift = tl.where(new_top == float('-inf'), 0.0, new_top)
+        total = total * tl.exp(top - shift) + tl.exp(logits - shift)
+        top = new_top
+    shift = tl.where(top == float('-inf'), 0.0, top)
+    total = tl.where(total > 0.0, total, 1.0)
+    for k in range(N_IN):
+        logits = _inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale)
+        tl.store(W + (rows[:, None] * N_IN + k) * C + c[None, :], tl.exp(logits - shift) / total, mask=mask)
+
+
+@triton.jit
+def _through_fc2(grad_logits, GL, FC2, rows, width, first, c, mask, mask_c, m, mask_m, M):
+    """Stores the gradient of fc2's outputs ``first + c`` (scaled logits' gradient times the scale) and returns its
+    share of h's gradient, (BLOCK_B, BLOCK_M)."""
+    tl.store(GL + rows[:, None] * width + first + c[None, :], grad_logits, mask=mask)
+    weight = tl.load(FC2 + (first + c[:, None]) * M + m[None, :], mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+    return reduce_sum(grad_logits[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _head_grad_h_kernel(GV, GW, V, W, H, FC2, GL, GZ, batch, C, M, scale, N_IN: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Samples ``rows``: the gradient of fc2's output (sigmoid's and softmax's backward) into GL, and of the
+    BatchNorm's output (through fc2 and the ReLU) into GZ."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rows < batch
+    m = tl.arange(0, BLOCK_M)
+    mask_m = m < M
+    width = (N_IN + 1) * C
+    grad_h = tl.full([BLOCK_B, BLOCK_M], 0.0, tl.float32)
+    for first in range(0, C, BLOCK_C):
+        c = first + tl.arange(0, BLOCK_C)
+        mask_c = c < C
+        mask = mask_b[:, None] & mask_c[None, :]
+        offs = rows[:, None] * C + c[None, :]
+        v = tl.load(V + offs, mask=mask, other=0.0)
+        grad_v = tl.load(GV + offs, mask=mask, other=0.0)
+        grad_h += _through_fc2(grad_v * v * (1.0 - v) * scale, GL, FC2, rows, width, 0, c, mask, mask_c, m, mask_m,
+                               M)
+        dot = tl.full([BLOCK_B, BLOCK_C], 0.0, tl.float32)  # softmax: w * (g - sum_j w_j g_j)
+        for k in range(N_IN):
+            offs = (rows[:, None] * N_IN + k) * C + c[None, :]
+            dot += tl.load(W + offs, mask=mask, other=0.0) * tl.load(GW + offs, mask=mask, other=0.0)
+        for k in range(N_IN):
+            offs = (rows[:, None] * N_IN + k) * C + c[None, :]
+            w = tl.load(W + offs, mask=mask, other=0.0)
+            grad_w = tl.load(GW + offs, mask=mask, other=0.0)
+            grad_h += _through_fc2(w * (grad_w - dot) * scale, GL, FC2, rows, width, (k + 1) * C, c, mask, mask_c, m,
+                                   mask_m, M)
+    h, mask_h = _hidden_tile(H, rows, mask_b, m, mask_m, M)
+    tl.store(GZ + rows[:, None] * M + m[None, :], tl.where(h > 0.0, grad_h, 0.0), mask=mask_h)
+
+
+@triton.jit
+def _head_grad_kernel(GZ, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, SAVE_MEAN, SAVE_INVSTD,
+                      GG, GRAD_FC1, GRAD_BN_WEIGHT, GRAD_BN_BIAS, GRAD_FC2, GRAD_FC2_BIAS,
+                      batch, width, M, eps, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Columns ``j`` of g (fc1's input, fc2's output): the BatchNorm's backward (each program sums it over the
+    batch, it is small; the first stores the BatchNorm's weight and bias gradients), g's gradient, fc1's and fc2's
+    weight gradients there and fc2's bias gradient."""
+    pid = tl.program_id(0)
+    m = tl.arange(0, BLOCK_M)
+    mask_m = m < M
+    if BATCH_STATS:
+        mean = tl.load(SAVE_MEAN + m, mask=mask_m, other=0.0)
+        invstd = tl.load(SAVE_INVSTD + m, mask=mask_m, other=0.0)
+    else:
+        mean = tl.load(RUN_MEAN + m, mask=mask_m, other=0.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(tl.load(RUN_VAR + m, mask=mask_m, other=1.0).to(tl.float32) + eps)
+    gamma = tl.load(BN_WEIGHT + m, mask=mask_m, other=0.0).to(tl.float32)
+    grad_bias = m * 0.0  # BatchNorm's bias: the sum of the gradient over the batch
+    grad_weight = m * 0.0  # and its weight: of the gradient times the normalised z
+    for first in range(0, batch, BLOCK_B):
+        rows = first + tl.arange(0, BLOCK_B)
+        grad, mask = _hidden_tile(GZ, rows, rows < batch, m, mask_m, M)
+        z = _hidden_tile(Z, rows, rows < batch, m, mask_m, M)[0]
+        grad_bias += reduce_sum(grad, axis=0)
+        grad_weight += reduce_sum(tl.where(mask, grad * (z - mean[None, :]) * invstd[None, :], 0.0), axis=0)
+    tl.store(GRAD_BN_WEIGHT + m, grad_weight.to(GRAD_BN_WEIGHT.dtype.element_ty), mask=mask_m & (pid == 0))
+    tl.store(GRAD_BN_BIAS + m, grad_bias.to(GRAD_BN_BIAS.dtype.element_ty), mask=mask_m & (pid == 0))
+    j = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_j = j < width
+    fc1 = tl.load(FC1 + m[:, None] * width + j[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+    fc1 = fc1.to(tl.float32)
+    grad_fc1 = tl.full([BLOCK_M, BLOCK_J], 0.0, tl.float32)
+    grad_fc2 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+    grad_fc2_bias = tl.full([BLOCK_J], 0.0, tl.float32)
+    for first in range(0, batch, BLOCK_B):
+        rows = first + tl.arange(0, BLOCK_B)
+        mask_b = rows < batch
+        grad, mask = _hidden_tile(GZ, rows, mask_b, m, mask_m, M)
+        if BATCH_STATS:
+            z = _hidden_tile(Z, rows, mask_b, m, mask_m, M)[0]
+            z_norm = (z - mean[None, :]) * invstd[None, :]
+            grad = (gamma * invstd)[None, :] * (grad - (grad_bias / batch)[None, :]
+                                                - z_norm * (grad_weight / batch)[None, :])
+        else:
+            grad = grad * (gamma * invstd)[None, :]
+        grad = tl.where(mask, grad, 0.0)  # z's gradient
+        mask_bj = mask_b[:, None] & mask_j[None, :]
+        g = tl.load(G + rows[:, None] * width + j[None, :], mask=mask_bj, other=0.0)
+        grad_fc1 += reduce_sum(grad[:, :, None] * g[:, None, :], axis=0)
+        tl.store(GG + rows[:, None] * width + j[None, :], reduce_sum(grad[:, :, None] * fc1[None, :, :], axis=1),
+                 mask=mask_bj)
+        grad_logits = tl.load(GL + rows[:, None] * width + j[None, :], mask=mask_bj, other=0.0)
+        h = _hidden_tile(H, rows, mask_b, m, mask_m, M)[0]
+        grad_fc2 += reduce_sum(grad_logits[:, :, None] * h[:, None, :], axis=0)
+        grad_fc2_bias += reduce_sum(grad_logits, axis=0)
+    tl.store(GRAD_FC1 + m[:, None] * width + j[None, :], grad_fc1.to(GRAD_FC1.dtype.element_ty),
+             mask=mask_m[:, None] & mask_j[None, :])
+    tl.store(GRAD_FC2 + j[:, None] * M + m[None, :], grad_fc2.to(GRAD_FC2.dtype.element_ty),
+             mask=mask_j[:, None] & mask_m[None, :])
+    tl.store(GRAD_FC2_BIAS + j, grad_fc2_bias.to(GRAD_FC2_BIAS.dtype.element_ty), mask=mask_j)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launching
+
+def _pool_blocks(channels: int, hw: int, channels_last: bool) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) of the pooling tile: large, the layout's contiguous axis the longer side."""
+    if channels_last:
+        block_c = min(triton.next_power_of_2(channels), 64)
+        return block_c, max(min(triton.next_power_of_2(hw), POOL_TILE // block_c), 1)
+    block_hw = min(triton.next_power_of_2(hw), 1024)
+    return max(min(triton.next_power_of_2(channels), POOL_TILE // block_hw, 64), 1), block_hw
+
+
+def _rows_per_tile(batch: int, *widths: int) -> int:
+    """Rows of a block of samples such that a product tile (rows x widths) has at most TILE elements."""
+    other = 1
+    for width in widths:
+        other *= width
+    return max(min(triton.next_power_of_2(batch), TILE // other), 1)
+
+
+_valid_cache = {}
+
+
+def _valid_tensor(valid_channels: Sequence[int], device: torch.device) -> torch.Tensor:
+    key = (tuple(valid_channels), device)
+    if key not in _valid_cache:
+        with torch.inference_mode(False):
+            _valid_cache[key] = torch.tensor(valid_channels, dtype=torch.int32, device=device)
+    return _valid_cache[key]
+
+
+def head_forward(y: torch.Tensor, means: Sequence[torch.Tensor], channels_last: bool, fc1: torch.Tensor,
+                 bn_params: Tuple[torch.Tensor, torch.Tensor], running: Tuple[torch.Tensor, ...],
+                 use_batch_stats: bool, momentum: float, eps: float, fc2: torch.Tensor, fc2_bias: torch.Tensor,
+                 scale: float, valid_channels: Sequence[int], for_backward: bool):
+    """v (B, C) and w (B, n, C), float32, from y and the inbounds' means; for_backward: also what the backward
+    reads, (g, z, h, the batch's mean and inverse standard deviation). ``running``: the BatchNorm's running mean and
+    variance, and its ``num_batches_tracked`` where the kernel is to count a batch normalised with its statistics
+    (else None)."""
+    batch, channels, height, width = y.shape
+    hidden, num_inbounds = fc1.shape[0], len(means)
+    block_m = triton.next_power_of_2(hidden)
+    new = dict(device=y.device, dtype=torch.float32)
+    g = torch.empty((batch, (num_inbounds + 1) * channels), **new) if for_backward else y
+    z = torch.empty((batch, hidden), **new)
+    block_c, block_hw = _pool_blocks(channels, height * width, channels_last)
+    launch(_head_in_kernel, (batch,), y, g, z, fc1, *means, *[means[0]] * (8 - num_inbounds), channels,
+           height * width, 1.0 / (height * width), hidden, N_IN=num_inbounds, CHANNELS_LAST=channels_last,
+           STORE_G=for_backward, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_M=block_m)
+    h = torch.empty((batch, hidden), **new) if for_backward else z
+    save_mean, save_invstd = (torch.empty(hidden, **new) for _ in range(2)) if use_batch_stats else (z, z)
+    v = torch.empty((batch, channels), **new)
+    w = torch.empty((batch, num_inbounds, channels), **new)
+    block_c = min(triton.next_power_of_2(channels), 32)
+    block_b = _rows_per_tile(batch, block_c, block_m)
+    running_mean, running_var, tracked = running
+    launch(_head_out_kernel, (triton.cdiv(channels, block_c), triton.cdiv(batch, block_b)), z, h, *bn_params,
+           running_mean, running_var, z if tracked is None else tracked, save_mean, save_invstd, fc2, fc2_bias,
+           _valid_tensor(valid_channels, y.device), v, w, batch, channels, hidden, momentum, eps, scale,
+           N_IN=num_inbounds, BATCH_STATS=use_batch_stats, COUNT=tracked is not None, STORE_H=for_backward,
+           BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=block_m)
+    return v, w, (g, z, h, save_mean, save_invstd)
+
+
+def head_backward(grad_v: torch.Tensor, grad_w: torch.Tensor, v: torch.Tensor, w: torch.Tensor, saved: tuple,
+                  fc1: torch.Tensor, bn_weight: torch.Tensor, running: Tuple[torch.Tensor, ...],
+                  use_batch_stats: bool, eps: float, fc2: torch.Tensor, scale: float):
+    """g's gradient (B, (n + 1) * C) float32, and the gradients of fc1, the BatchNorm's weight and bias, fc2 and
+    its bias, from v's and w's."""
+    g, z, h, save_mean, save_invstd = saved
+    batch, num_inbounds, channels = w.shape
+    hidden, width = fc1.shape[0], g.shape[1]
+    block_m = triton.next_power_of_2(hidden)
+    new = dict(device=g.device, dtype=torch.float32)
+    grad_logits = torch.empty((batch, width), **new)
+    grad_z = torch.empty((batch, hidden), **new)
+    block_c = min(triton.next_power_of_2(channels), 32)
+    block_b = _rows_per_tile(batch, block_c, block_m)
+    launch(_head_grad_h_kernel, (triton.cdiv(batch, block_b),), grad_v, grad_w, v, w, h, fc2, grad_logits, grad_z,
+           batch, channels, hidden, scale, N_IN=num_inbounds, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=block_m)
+    grad_g = torch.empty((batch, width), **new)
+    grads = [torch.empty_like(t) for t in (fc1, bn_weight, bn_weight, fc2)] + [
+        torch.empty(width, device=g.device, dtype=fc2.dtype)]
+    block_j = min(triton.next_power_of_2(width), max(TILE // 4 // block_m, 16))
+    block_b = _rows_per_tile(batch, block_j, block_m)
+    launch(_head_grad_kernel, (triton.cdiv(width, block_j),), grad_z, z, g, h, grad_logits, fc1, bn_weight,
+           *running[:2], save_mean, save_invstd, grad_g, *grads, batch, width, hidden, eps, BATCH_STATS=use_batch_stats,
+           BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_M=block_m)
+    return grad_g, grads
