@@ -9,17 +9,12 @@ launches = [0]  # kernel launches so far in this process (the operation counts o
 launching = [False]  # True during a launch
 
 
-# Reductions through tl.reduce with combine functions of this module: triton.language's own tl.sum and tl.max are
-# jit functions made when triton is imported, which the interpreter cannot call if that was before
-# TRITON_INTERPRET=1 was set (as in a test run)
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
+# Sums through tl.reduce with triton's own combine function, as tl.sum does: the interpreter sums with numpy where
+# it sees that function (any other it applies pair by pair, about 100x slower). tl.sum itself is a jit function
+# made when triton is imported, which the interpreter cannot call if that was before TRITON_INTERPRET=1 was set
 @triton.jit
 def reduce_sum(x, axis):
-    return tl.reduce(x, axis, _add)
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit
