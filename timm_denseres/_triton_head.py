@@ -1,12 +1,14 @@
-"""The gate's head in Triton: from the maps' means to v and w in two launches, and back in two.
+"""The gate's head in Triton: from the maps' means to v and w in one launch and a part of the mix kernel, and back
+in two launches.
 
 Forward: the gate's input ``g = [mean of y over H, W, the inbounds' means]`` and fc1's output ``z = fc1 g`` per
-sample (one program a sample reads its y once); then the BatchNorm (the batch's statistics, or the running ones),
-ReLU, fc2 and the logit scale, ``v = sigmoid(l_v)`` and the masked softmax ``w`` over the inbounds. Backward: the
-logits' gradient and h's (through fc2 and the ReLU) per block of samples; then per block of columns of g the
-BatchNorm's backward, g's gradient and every weight's. The matrices are small (the hidden width M is 8-80 in the
-registered models), so each product is a broadcast and a sum over a tile. All in float32; z, h, g and the logits'
-gradient stay in float32 buffers between the launches.
+sample (one program a sample reads its y once); then, in each program of the mix kernel for its sample and
+channels (:func:`sample_gate`), the BatchNorm (the batch's statistics, or the running ones), ReLU, fc2 and the
+logit scale, ``v = sigmoid(l_v)`` and the masked softmax ``w`` over the inbounds. Backward: the logits' gradient
+and h's (through fc2 and the ReLU) per block of samples; then per block of columns of g the BatchNorm's backward,
+g's gradient and every weight's. The matrices are small (the hidden width M is 8-80 in the registered models), so
+each product is a broadcast and a sum over a tile. All in float32; z, h, g and the logits' gradient stay in float32
+buffers between the launches.
 """
 from typing import Sequence, Tuple
 
@@ -16,7 +18,7 @@ import triton.language as tl
 
 from ._triton_tiles import launch, map_tile, reduce_sum, row
 
-__all__ = ['head_forward', 'head_backward']
+__all__ = ['head_forward', 'sample_gate', 'head_backward']
 
 TILE = 4096  # elements of the largest 3-d product tile of a program
 POOL_TILE = 8192  # elements of y a program reads at once (one program reads a whole sample)
@@ -113,49 +115,53 @@ def _bn_statistics(Z, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, batch,
 
 
 @triton.jit
-def _logits(h, FC2, FC2_BIAS, first, c, mask_c, m, mask_m, M, scale):
-    """fc2's outputs ``first + c`` for the rows of h, times the logit scale: (BLOCK_B, BLOCK_C)."""
+def _logit_row(h, FC2, FC2_BIAS, first, c, mask_c, m, mask_m, M, scale):
+    """fc2's outputs ``first + c`` for one sample's h, times the logit scale: (BLOCK_C,)."""
     weight = tl.load(FC2 + (first + c[:, None]) * M + m[None, :], mask=mask_c[:, None] & mask_m[None, :], other=0.0)
     bias = tl.load(FC2_BIAS + first + c, mask=mask_c, other=0.0).to(tl.float32)
-    return (reduce_sum(h[:, None, :] * weight.to(tl.float32)[None, :, :], axis=2) + bias[None, :]) * scale
+    return (reduce_sum(weight.to(tl.float32) * h[None, :], axis=1) + bias) * scale
 
 
 @triton.jit
 def _inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale):
     """Inbound k's logits, -inf in the channels its zero padding made."""
-    logits = _logits(h, FC2, FC2_BIAS, (k + 1) * C, c, mask_c, m, mask_m, M, scale)
-    return tl.where(c[None, :] < tl.load(VALID + k), logits, float('-inf'))
+    logits = _logit_row(h, FC2, FC2_BIAS, (k + 1) * C, c, mask_c, m, mask_m, M, scale)
+    return tl.where(c < tl.load(VALID + k), logits, float('-inf'))
 
 
 @triton.jit
-def _head_out_kernel(Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, FC2, FC2_BIAS,
-                     VALID, V, W, batch, C, M, momentum, eps, scale, N_IN: tl.constexpr, BATCH_STATS: tl.constexpr,
-                     COUNT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
-    """Channels ``c`` of samples ``rows``: h = ReLU(BatchNorm(z)) (STORE_H: stored, by the programs of the first
-    channels), v = sigmoid(l_v) and w = the softmax of the inbounds' logits; the first program updates the
-    BatchNorm's statistics."""
-    pid_c = tl.program_id(0)
-    pid_b = tl.program_id(1)
+def _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, k, C, c, mask_c, m, mask_m, M, scale, shift, total,
+                    N_IN: tl.constexpr):
+    """w_k of sample b in channels c as a (BLOCK_C, 1) column, also stored to W."""
+    w = tl.exp(_inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale) - shift) / total
+    tl.store(W + (b * N_IN + k) * C + c, w, mask=mask_c)
+    return w[:, None]
+
+
+@triton.jit
+def sample_gate(Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, FC2, FC2_BIAS, VALID,
+                V, W, b, c, mask_c, first_block, batch, C, M, momentum, eps, scale, N_IN: tl.constexpr,
+                BATCH_STATS: tl.constexpr, COUNT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """The head's second half for sample b in channels c, inside the mix kernel (so no launch of its own):
+    h = ReLU(BatchNorm(z)) (STORE_H: stored, by the program of the first channels), v = sigmoid(l_v) and w = the
+    softmax of the inbounds' logits, stored to V and W and returned as (BLOCK_C, 1) columns, w's eight slots zero
+    past N_IN. Sample 0's first program moves the BatchNorm's running statistics. Every program computes the
+    batch's statistics from z again (B x M floats, read from cache) instead of waiting for a launch of their own."""
     m = tl.arange(0, BLOCK_M)
     mask_m = m < M
     mean, invstd = _bn_statistics(Z, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, batch, M, m, mask_m,
-                                  momentum, eps, (pid_c == 0) & (pid_b == 0), BATCH_STATS, COUNT, BLOCK_B)
+                                  momentum, eps, first_block & (b == 0), BATCH_STATS, COUNT, BLOCK_B)
     bn_scale = tl.load(BN_WEIGHT + m, mask=mask_m, other=0.0).to(tl.float32) * invstd
     bn_shift = tl.load(BN_BIAS + m, mask=mask_m, other=0.0).to(tl.float32) - mean * bn_scale
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = rows < batch
-    z, mask_h = _hidden_tile(Z, rows, mask_b, m, mask_m, M)
-    h = tl.where(mask_h, tl.maximum(z * bn_scale[None, :] + bn_shift[None, :], 0.0), 0.0)
+    z = tl.load(Z + b * M + m, mask=mask_m, other=0.0)
+    h = tl.where(mask_m, tl.maximum(z * bn_scale + bn_shift, 0.0), 0.0)
     if STORE_H:
-        tl.store(H + rows[:, None] * M + m[None, :], h, mask=mask_h & (pid_c == 0))
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = c < C
-    mask = mask_b[:, None] & mask_c[None, :]
-    v_logits = _logits(h, FC2, FC2_BIAS, 0, c, mask_c, m, mask_m, M, scale)
-    tl.store(V + rows[:, None] * C + c[None, :], 1.0 / (1.0 + tl.exp(-v_logits)), mask=mask)
-    top = tl.full([BLOCK_B, BLOCK_C], float('-inf'), tl.float32)  # the softmax, online: largest logit so far
-    total = tl.full([BLOCK_B, BLOCK_C], 0.0, tl.float32)  # and the sum of exp(logit - top)
+        tl.store(H + b * M + m, h, mask=mask_m & first_block)
+    v = 1.0 / (1.0 + tl.exp(-_logit_row(h, FC2, FC2_BIAS, 0, c, mask_c, m, mask_m, M, scale)))
+    tl.store(V + b * C + c, v, mask=mask_c)
+    total = v * 0.0  # the softmax, online: the sum of exp(logit - top)
+    top = total - float('inf')  # and the largest logit so far
     for k in range(N_IN):
         logits = _inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale)
         new_top = tl.maximum(top, logits)
@@ -164,9 +170,29 @@ def _head_out_kernel(Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_
         top = new_top
     shift = tl.where(top == float('-inf'), 0.0, top)
     total = tl.where(total > 0.0, total, 1.0)
-    for k in range(N_IN):
-        logits = _inbound_logits(h, FC2, FC2_BIAS, VALID, k, C, c, mask_c, m, mask_m, M, scale)
-        tl.store(W + (rows[:, None] * N_IN + k) * C + c[None, :], tl.exp(logits - shift) / total, mask=mask)
+    w0 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 0, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    w1 = w0 * 0.0
+    w2 = w1
+    w3 = w1
+    w4 = w1
+    w5 = w1
+    w6 = w1
+    w7 = w1
+    if N_IN > 1:
+        w1 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 1, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    if N_IN > 2:
+        w2 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 2, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    if N_IN > 3:
+        w3 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 3, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    if N_IN > 4:
+        w4 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 4, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    if N_IN > 5:
+        w5 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 5, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    if N_IN > 6:
+        w6 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 6, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    if N_IN > 7:
+        w7 = _softmax_weight(h, FC2, FC2_BIAS, VALID, W, b, 7, C, c, mask_c, m, mask_m, M, scale, shift, total, N_IN)
+    return v[:, None], w0, w1, w2, w3, w4, w5, w6, w7
 
 
 @triton.jit
@@ -310,10 +336,11 @@ def head_forward(y: torch.Tensor, means: Sequence[torch.Tensor], channels_last: 
                  bn_params: Tuple[torch.Tensor, torch.Tensor], running: Tuple[torch.Tensor, ...],
                  use_batch_stats: bool, momentum: float, eps: float, fc2: torch.Tensor, fc2_bias: torch.Tensor,
                  scale: float, valid_channels: Sequence[int], for_backward: bool):
-    """v (B, C) and w (B, n, C), float32, from y and the inbounds' means; for_backward: also what the backward
-    reads, (g, z, h, the batch's mean and inverse standard deviation). ``running``: the BatchNorm's running mean and
-    variance, and its ``num_batches_tracked`` where the kernel is to count a batch normalised with its statistics
-    (else None)."""
+    """The head's first half (one launch: g and z = fc1 g per sample); returns the arguments of its second half,
+    :func:`sample_gate`, which the mix kernel runs (keywords of that kernel), v (B, C) and w (B, n, C), float32,
+    which it writes, and (for_backward) what the backward reads: (g, z, h, the batch's mean and inverse standard
+    deviation). ``running``: the BatchNorm's running mean and variance, and its ``num_batches_tracked`` where the
+    kernel is to count a batch normalised with its statistics (else None)."""
     batch, channels, height, width = y.shape
     hidden, num_inbounds = fc1.shape[0], len(means)
     block_m = triton.next_power_of_2(hidden)
@@ -328,15 +355,14 @@ def head_forward(y: torch.Tensor, means: Sequence[torch.Tensor], channels_last: 
     save_mean, save_invstd = (torch.empty(hidden, **new) for _ in range(2)) if use_batch_stats else (z, z)
     v = torch.empty((batch, channels), **new)
     w = torch.empty((batch, num_inbounds, channels), **new)
-    block_c = min(triton.next_power_of_2(channels), 32)
-    block_b = _rows_per_tile(batch, block_c, block_m)
     running_mean, running_var, tracked = running
-    launch(_head_out_kernel, (triton.cdiv(channels, block_c), triton.cdiv(batch, block_b)), z, h, *bn_params,
-           running_mean, running_var, z if tracked is None else tracked, save_mean, save_invstd, fc2, fc2_bias,
-           _valid_tensor(valid_channels, y.device), v, w, batch, channels, hidden, momentum, eps, scale,
-           N_IN=num_inbounds, BATCH_STATS=use_batch_stats, COUNT=tracked is not None, STORE_H=for_backward,
-           BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=block_m)
-    return v, w, (g, z, h, save_mean, save_invstd)
+    second_half = dict(
+        Z=z, H=h, BN_WEIGHT=bn_params[0], BN_BIAS=bn_params[1], RUN_MEAN=running_mean, RUN_VAR=running_var,
+        TRACKED=z if tracked is None else tracked, SAVE_MEAN=save_mean, SAVE_INVSTD=save_invstd, FC2=fc2,
+        FC2_BIAS=fc2_bias, VALID=_valid_tensor(valid_channels, y.device), V=v, W=w, batch=batch, M=hidden,
+        momentum=momentum, eps=eps, scale=scale, BATCH_STATS=use_batch_stats, COUNT=tracked is not None,
+        STORE_H=for_backward, BLOCK_B=_rows_per_tile(batch, block_m), BLOCK_M=block_m)
+    return second_half, v, w, (g, z, h, save_mean, save_invstd)
 
 
 def head_backward(grad_v: torch.Tensor, grad_w: torch.Tensor, v: torch.Tensor, w: torch.Tensor, saved: tuple,

@@ -3,10 +3,10 @@
 - the mix: ``act(v * y + sum_k w_k * a_k)`` and its mean over H, W in one pass over the maps, and its backward in
   one pass (every input's gradient, the reductions for v and w included);
 - the head (``_triton_head.py``): from y and the inbounds' means to ``v = sigmoid(s * l_v)`` and
-  ``w = softmax(s * l_w)`` over the inbounds (padding left out) through fc1, the BatchNorm, ReLU and fc2, in two
-  launches forward and two backward.
+  ``w = softmax(s * l_w)`` over the inbounds (padding left out) through fc1, the BatchNorm, ReLU and fc2: one
+  launch, then each program of the mix computes v and w for its sample and channels; two launches backward.
 
-A gate is three launches forward and four backward. float32, bfloat16 or float16 maps (computed in float32), NCHW
+A gate is two launches forward and four backward. float32, bfloat16 or float16 maps (computed in float32), NCHW
 or channels_last, inbounds as wide as y or narrower (the zero padding is implied), up to ``MAX_INBOUNDS`` inbounds.
 Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors, which is how they are
 tested without a GPU. Imported only where a gate takes this path (``timm_denseres.gate``): a CPU-only PyTorch has
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._triton_head import head_backward, head_forward
+from ._triton_head import TILE, head_backward, head_forward, sample_gate
 from ._triton_tiles import column, columns, launch, launches, launching, map_offsets, map_tile, reduce_sum
 
 __all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'self_check', 'launches', 'launching']
@@ -29,17 +29,23 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _mix_fwd_kernel(Y, V, W, OUT, OUT_MEAN,
-                    A0, A1, A2, A3, A4, A5, A6, A7, C0, C1, C2, C3, C4, C5, C6, C7,
-                    C, HW, inv_hw, N_IN: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _mix_fwd_kernel(Y, OUT, OUT_MEAN, A0, A1, A2, A3, A4, A5, A6, A7, C0, C1, C2, C3, C4, C5, C6, C7, C, HW, inv_hw,
+                    Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, FC2, FC2_BIAS,
+                    VALID, V, W, batch, M, momentum, eps, scale, N_IN: tl.constexpr, RELU: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                    BATCH_STATS: tl.constexpr, COUNT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """Channels ``c`` of sample b: v and w (the head's second half, :func:`sample_gate`), then the mix and its
+    mean over H, W."""
     pid = tl.program_id(0)
     blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
     c = (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = c < C
-    v = column(V, C, b, 0, C, c, mask_c, 1.0)
-    w0, w1, w2, w3, w4, w5, w6, w7 = columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
+    v, w0, w1, w2, w3, w4, w5, w6, w7 = sample_gate(
+        Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, FC2, FC2_BIAS, VALID, V, W, b,
+        c, mask_c, pid % blocks_c == 0, batch, C, M, momentum, eps, scale, N_IN, BATCH_STATS, COUNT, STORE_H,
+        BLOCK_B, BLOCK_M)
     total = tl.full([BLOCK_C], 0.0, tl.float32)
     for start in range(0, HW, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
@@ -180,13 +186,13 @@ def _channels_last(y: torch.Tensor) -> bool:
     return not y.is_contiguous()  # covers() let only NCHW- or channels_last-contiguous maps through
 
 
-def _map_blocks(channels: int, hw: int, channels_last: bool) -> Tuple[int, int]:
+def _map_blocks(channels: int, hw: int, channels_last: bool, max_block_c: int) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_HW): the contiguous axis of the layout gets the longer side of the tile."""
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels), 64)
+        block_c = min(triton.next_power_of_2(channels), 64, max_block_c)
         return block_c, max(2048 // block_c // 4, 1) if hw > 1 else 1
     block_hw = min(triton.next_power_of_2(hw), 256)
-    return max(min(triton.next_power_of_2(channels), 2048 // block_hw // 2), 1), block_hw
+    return max(min(triton.next_power_of_2(channels), 2048 // block_hw // 2, max_block_c), 1), block_hw
 
 
 def _slots(tensors: Sequence[torch.Tensor], filler: torch.Tensor) -> List[torch.Tensor]:
@@ -204,32 +210,33 @@ def _out_dtype(y: torch.Tensor, inbounds: Sequence[torch.Tensor]) -> torch.dtype
     return max(dtypes, key=lambda dtype: (torch.finfo(dtype).bits, dtype == torch.float16))
 
 
-def _map_grid(y: torch.Tensor) -> Tuple[Tuple[int], dict]:
+def _map_grid(y: torch.Tensor, max_block_c: int = 1024) -> Tuple[Tuple[int], dict]:
     batch, channels, height, width = y.shape
     channels_last = _channels_last(y)
-    block_c, block_hw = _map_blocks(channels, height * width, channels_last)
+    block_c, block_hw = _map_blocks(channels, height * width, channels_last, max_block_c)
     return (batch * triton.cdiv(channels, block_c),), dict(CHANNELS_LAST=channels_last, BLOCK_C=block_c,
                                                             BLOCK_HW=block_hw)
 
 
-def _mix(y: torch.Tensor, v: torch.Tensor, w: torch.Tensor, inbounds: Sequence[torch.Tensor], relu: bool,
+def _mix(y: torch.Tensor, head: dict, inbounds: Sequence[torch.Tensor], relu: bool,
          reuse_y: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mix and its mean, v and w computed in the same kernel from ``head`` (``head_forward``'s)."""
     batch, channels, height, width = y.shape
     dtype = _out_dtype(y, inbounds)
     out = y if reuse_y and dtype == y.dtype else torch.empty_like(y, dtype=dtype)
     out_mean = torch.empty((batch, channels), device=y.device, dtype=dtype)
-    grid, meta = _map_grid(y)
-    launch(_mix_fwd_kernel, grid, y, v, w, out, out_mean, *_slots(inbounds, y), *_widths(inbounds), channels,
-            height * width, 1.0 / (height * width), N_IN=len(inbounds), RELU=relu, **meta)
+    grid, meta = _map_grid(y, max_block_c=max(TILE // head['BLOCK_M'], 1))  # fc2's rows for the block: one tile
+    launch(_mix_fwd_kernel, grid, y, out, out_mean, *_slots(inbounds, y), *_widths(inbounds), channels,
+           height * width, 1.0 / (height * width), N_IN=len(inbounds), RELU=relu, **meta, **head)
     return out, out_mean
 
 
 class _GateFn(torch.autograd.Function):
-    """A whole gate as one autograd node: the head (two launches, ``_triton_head.py``) and the mix with its mean
-    (one). Backward: v's and w's gradients (one pass over the maps), the head's (two launches), then every map's
-    gradient in a second pass, where y and each inbound also take the gradient of their mean in g. The inbounds'
-    means are the means of the inbounds (the history keeps them so), so their gradient goes to the maps here and
-    none to the means: autograd adds nothing up for them."""
+    """A whole gate as one autograd node: the head's first half (one launch, ``_triton_head.py``), then the mix
+    with its mean, which computes v and w first (one). Backward: v's and w's gradients (one pass over the maps),
+    the head's (two launches), then every map's gradient in a second pass, where y and each inbound also take the
+    gradient of their mean in g. The inbounds' means are the means of the inbounds (the history keeps them so), so
+    their gradient goes to the maps here and none to the means: autograd adds nothing up for them."""
 
     @staticmethod
     def forward(ctx, settings: tuple, y: torch.Tensor, y_mixed: Optional[torch.Tensor], num_inbounds: int,
@@ -237,10 +244,11 @@ class _GateFn(torch.autograd.Function):
         relu, scale, valid_channels, use_batch_stats, running, momentum, eps = settings
         inbounds, means = tensors[:num_inbounds], tensors[num_inbounds:2 * num_inbounds]
         fc1, bn_weight, bn_bias, fc2, fc2_bias = tensors[2 * num_inbounds:]
-        v, w, saved = head_forward(y, means, _channels_last(y), fc1, (bn_weight, bn_bias), running, use_batch_stats,
-                                   momentum, eps, fc2, fc2_bias, scale, valid_channels, for_backward=True)
+        head, v, w, saved = head_forward(y, means, _channels_last(y), fc1, (bn_weight, bn_bias), running,
+                                         use_batch_stats, momentum, eps, fc2, fc2_bias, scale, valid_channels,
+                                         for_backward=True)
         mixed = y if y_mixed is None else y_mixed
-        out, out_mean = _mix(mixed, v, w, inbounds, relu, reuse_y=False)
+        out, out_mean = _mix(mixed, head, inbounds, relu, reuse_y=False)
         ctx.settings = settings
         ctx.num_inbounds, ctx.two_ys = num_inbounds, y_mixed is not None
         ctx.save_for_backward(out, mixed, v, w, *saved, *inbounds, fc1, bn_weight, fc2)
@@ -301,10 +309,10 @@ def run_gate(gate, y: torch.Tensor, inbounds: List[torch.Tensor], means: List[to
     if torch.is_grad_enabled() and any(t.requires_grad for t in [y, y_mixed, *inbounds, *means, *params]):
         mixed = None if y_mixed is y else y_mixed
         return _GateFn.apply(settings, y, mixed, len(inbounds), *inbounds, *means, *params)
-    v, w, _ = head_forward(y, means, _channels_last(y), params[0], params[1:3], settings[4], use_batch_stats,
-                           settings[5], bn.eps, params[3], params[4], gate.logit_scale, gate.weights.valid_channels,
-                           for_backward=False)
-    out, out_mean = _mix(y_mixed, v, w, inbounds, relu, reuse_y=y_mixed is y)
+    head, v, w, _ = head_forward(y, means, _channels_last(y), params[0], params[1:3], settings[4], use_batch_stats,
+                                 settings[5], bn.eps, params[3], params[4], gate.logit_scale,
+                                 gate.weights.valid_channels, for_backward=False)
+    out, out_mean = _mix(y_mixed, head, inbounds, relu, reuse_y=y_mixed is y)
     return out, out_mean, v, w
 
 

@@ -31,6 +31,7 @@ def record(models: list, batch_size: int, formats: list) -> list:
     """The kernel specialisations that a training and an inference step of each model launch."""
     import timm
     import torch
+    import triton.language as tl
 
     import timm_denseres  # noqa: F401  registers the models
     from timm_denseres import _triton_head, _triton_kernels
@@ -38,14 +39,15 @@ def record(models: list, batch_size: int, formats: list) -> list:
     seen = {}
 
     def recording(launch):
-        def launch_and_record(kernel, grid, *args, **meta):
-            runtime = [name for name in inspect.signature(kernel.fn).parameters if name not in meta]
-            signature = {name: _type(value) for name, value in zip(runtime, args)}
-            signature.update({name: 'constexpr' for name in meta})
-            key = (kernel.fn.__name__, json.dumps(signature, sort_keys=True), json.dumps(meta, sort_keys=True))
+        def launch_and_record(kernel, grid, *args, **keywords):
+            parameters = inspect.signature(kernel.fn).parameters
+            bound = dict(zip(parameters, args), **keywords)
+            constexprs = {name: bound[name] for name, p in parameters.items() if p.annotation is tl.constexpr}
+            signature = {name: 'constexpr' if name in constexprs else _type(bound[name]) for name in parameters}
+            key = (kernel.fn.__name__, json.dumps(signature), json.dumps(constexprs, sort_keys=True))
             seen.setdefault(key, dict(kernel=kernel.fn.__name__, module=kernel.fn.__module__, signature=signature,
-                                      constexprs=meta))
-            return launch(kernel, grid, *args, **meta)
+                                      constexprs=constexprs))
+            return launch(kernel, grid, *args, **keywords)
         return launch_and_record
 
     _triton_kernels.launch = recording(_triton_kernels.launch)
