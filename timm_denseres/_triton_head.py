@@ -1,14 +1,15 @@
 """The gate's head in Triton: from the maps' means to v and w in one launch and a part of the mix kernel, and back
-in two launches.
+in a part of the mix's backward and one launch.
 
 Forward: the gate's input ``g = [mean of y over H, W, the inbounds' means]`` and fc1's output ``z = fc1 g`` per
 sample (one program a sample reads its y once); then, in each program of the mix kernel for its sample and
 channels (:func:`sample_gate`), the BatchNorm (the batch's statistics, or the running ones), ReLU, fc2 and the
-logit scale, ``v = sigmoid(l_v)`` and the masked softmax ``w`` over the inbounds. Backward: the logits' gradient
-and h's (through fc2 and the ReLU) per block of samples; then per block of columns of g the BatchNorm's backward,
-g's gradient and every weight's. The matrices are small (the hidden width M is 8-80 in the registered models), so
-each product is a broadcast and a sum over a tile. All in float32; z, h, g and the logits' gradient stay in float32
-buffers between the launches.
+logit scale, ``v = sigmoid(l_v)`` and the masked softmax ``w`` over the inbounds. Backward: in each program of the
+mix's first backward pass (:func:`logits_backward`), the logits' gradient for its sample and channels and their
+share of h's (through fc2); then per block of columns of g, h's gradient summed over the shares and through the
+ReLU, the BatchNorm's backward, g's gradient and every weight's. The matrices are small (the hidden width M is
+8-80 in the registered models), so each product is a broadcast and a sum over a tile. All in float32; z, h, g, the
+logits' gradient and h's shares stay in float32 buffers between the launches.
 """
 from typing import Sequence, Tuple
 
@@ -16,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_tiles import launch, map_tile, reduce_sum, row
+from ._triton_tiles import columns, launch, map_tile, reduce_sum, row
 
-__all__ = ['head_forward', 'sample_gate', 'head_backward']
+__all__ = ['head_forward', 'sample_gate', 'logits_backward', 'head_backward']
 
 TILE = 4096  # elements of the largest 3-d product tile of a program
 POOL_TILE = 8192  # elements of y a program reads at once (one program reads a whole sample)
@@ -196,52 +197,64 @@ def sample_gate(Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN,
 
 
 @triton.jit
-def _through_fc2(grad_logits, GL, FC2, rows, width, first, c, mask, mask_c, m, mask_m, M):
-    """Stores the gradient of fc2's outputs ``first + c`` (scaled logits' gradient times the scale) and returns its
-    share of h's gradient, (BLOCK_B, BLOCK_M)."""
-    tl.store(GL + rows[:, None] * width + first + c[None, :], grad_logits, mask=mask)
+def _logits_share(grad_logits, GL, FC2, b, width, first, c, mask_c, m, mask_m, M):
+    """Stores the gradient of fc2's outputs ``first + c`` of sample b (scaled logits' gradient times the scale, a
+    (BLOCK_C, 1) column) and returns its share of h's gradient, (BLOCK_M,)."""
+    tl.store(GL + b * width + first + c[:, None], grad_logits, mask=mask_c[:, None])
     weight = tl.load(FC2 + (first + c[:, None]) * M + m[None, :], mask=mask_c[:, None] & mask_m[None, :], other=0.0)
-    return reduce_sum(grad_logits[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
+    return reduce_sum(grad_logits * weight.to(tl.float32), axis=0)
 
 
 @triton.jit
-def _head_grad_h_kernel(GV, GW, V, W, H, FC2, GL, GZ, batch, C, M, scale, N_IN: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Samples ``rows``: the gradient of fc2's output (sigmoid's and softmax's backward) into GL, and of the
-    BatchNorm's output (through fc2 and the ReLU) into GZ."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = rows < batch
+def logits_backward(grad_v, gw0, gw1, gw2, gw3, gw4, gw5, gw6, gw7, V, W, GL, GH_PARTS, FC2, b, block, blocks, C, c,
+                    mask_c, M, scale, N_IN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The head's first steps back for sample b in channels c (block ``block`` of ``blocks``), at the end of the
+    mix's backward (so no launch of its own): from v's and w's gradients ((BLOCK_C,) each, w's slots past N_IN zero)
+    the gradient of fc2's outputs (sigmoid's and softmax's backward) into GL, and these channels' share of h's
+    gradient (through fc2) into row (b, block) of GH_PARTS. v and w are read here, not kept through the mix's
+    loop, where they would hold registers."""
     m = tl.arange(0, BLOCK_M)
     mask_m = m < M
     width = (N_IN + 1) * C
-    grad_h = tl.full([BLOCK_B, BLOCK_M], 0.0, tl.float32)
-    for first in range(0, C, BLOCK_C):
-        c = first + tl.arange(0, BLOCK_C)
-        mask_c = c < C
-        mask = mask_b[:, None] & mask_c[None, :]
-        offs = rows[:, None] * C + c[None, :]
-        v = tl.load(V + offs, mask=mask, other=0.0)
-        grad_v = tl.load(GV + offs, mask=mask, other=0.0)
-        grad_h += _through_fc2(grad_v * v * (1.0 - v) * scale, GL, FC2, rows, width, 0, c, mask, mask_c, m, mask_m,
-                               M)
-        dot = tl.full([BLOCK_B, BLOCK_C], 0.0, tl.float32)  # softmax: w * (g - sum_j w_j g_j)
-        for k in range(N_IN):
-            offs = (rows[:, None] * N_IN + k) * C + c[None, :]
-            dot += tl.load(W + offs, mask=mask, other=0.0) * tl.load(GW + offs, mask=mask, other=0.0)
-        for k in range(N_IN):
-            offs = (rows[:, None] * N_IN + k) * C + c[None, :]
-            w = tl.load(W + offs, mask=mask, other=0.0)
-            grad_w = tl.load(GW + offs, mask=mask, other=0.0)
-            grad_h += _through_fc2(w * (grad_w - dot) * scale, GL, FC2, rows, width, (k + 1) * C, c, mask, mask_c, m,
-                                   mask_m, M)
-    h, mask_h = _hidden_tile(H, rows, mask_b, m, mask_m, M)
-    tl.store(GZ + rows[:, None] * M + m[None, :], tl.where(h > 0.0, grad_h, 0.0), mask=mask_h)
+    v = row(V, b, 0, 1, C, c, mask_c)[:, None]
+    w0, w1, w2, w3, w4, w5, w6, w7 = columns(W, N_IN * C, b, 0, C, c, mask_c, 1.0, N_IN)
+    grad_h = _logits_share(grad_v[:, None] * v * (1.0 - v) * scale, GL, FC2, b, width, 0, c, mask_c, m, mask_m, M)
+    dot = (w0 * gw0[:, None] + w1 * gw1[:, None] + w2 * gw2[:, None] + w3 * gw3[:, None] + w4 * gw4[:, None]
+           + w5 * gw5[:, None] + w6 * gw6[:, None] + w7 * gw7[:, None])  # softmax: w * (g - sum_j w_j g_j)
+    grad_h += _logits_share(w0 * (gw0[:, None] - dot) * scale, GL, FC2, b, width, C, c, mask_c, m, mask_m, M)
+    if N_IN > 1:
+        grad_h += _logits_share(w1 * (gw1[:, None] - dot) * scale, GL, FC2, b, width, 2 * C, c, mask_c, m, mask_m, M)
+    if N_IN > 2:
+        grad_h += _logits_share(w2 * (gw2[:, None] - dot) * scale, GL, FC2, b, width, 3 * C, c, mask_c, m, mask_m, M)
+    if N_IN > 3:
+        grad_h += _logits_share(w3 * (gw3[:, None] - dot) * scale, GL, FC2, b, width, 4 * C, c, mask_c, m, mask_m, M)
+    if N_IN > 4:
+        grad_h += _logits_share(w4 * (gw4[:, None] - dot) * scale, GL, FC2, b, width, 5 * C, c, mask_c, m, mask_m, M)
+    if N_IN > 5:
+        grad_h += _logits_share(w5 * (gw5[:, None] - dot) * scale, GL, FC2, b, width, 6 * C, c, mask_c, m, mask_m, M)
+    if N_IN > 6:
+        grad_h += _logits_share(w6 * (gw6[:, None] - dot) * scale, GL, FC2, b, width, 7 * C, c, mask_c, m, mask_m, M)
+    if N_IN > 7:
+        grad_h += _logits_share(w7 * (gw7[:, None] - dot) * scale, GL, FC2, b, width, 8 * C, c, mask_c, m, mask_m, M)
+    tl.store(GH_PARTS + (b * blocks + block) * M + m, grad_h, mask=mask_m)
 
 
 @triton.jit
-def _head_grad_kernel(GZ, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, SAVE_MEAN, SAVE_INVSTD,
+def _grad_z_tile(GH_PARTS, H, rows, mask_b, m, mask_m, M, blocks):
+    """The gradient of the BatchNorm's output for samples ``rows``: h's gradient (the sum of its parts over the
+    blocks of channels) through the ReLU; and the tile's mask."""
+    mask = mask_b[:, None] & mask_m[None, :]
+    grad_h = tl.load(GH_PARTS + (rows[:, None] * blocks) * M + m[None, :], mask=mask, other=0.0)
+    for block in range(1, blocks):
+        grad_h += tl.load(GH_PARTS + (rows[:, None] * blocks + block) * M + m[None, :], mask=mask, other=0.0)
+    h = tl.load(H + rows[:, None] * M + m[None, :], mask=mask, other=0.0)
+    return tl.where(h > 0.0, grad_h, 0.0), mask
+
+
+@triton.jit
+def _head_grad_kernel(GH_PARTS, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, SAVE_MEAN, SAVE_INVSTD,
                       GG, GRAD_FC1, GRAD_BN_WEIGHT, GRAD_BN_BIAS, GRAD_FC2, GRAD_FC2_BIAS,
-                      batch, width, M, eps, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+                      batch, width, M, blocks, eps, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr):
     """Columns ``j`` of g (fc1's input, fc2's output): the BatchNorm's backward (each program sums it over the
     batch, it is small; the first stores the BatchNorm's weight and bias gradients), g's gradient, fc1's and fc2's
@@ -260,7 +273,7 @@ def _head_grad_kernel(GZ, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, SAVE_M
     grad_weight = m * 0.0  # and its weight: of the gradient times the normalised z
     for first in range(0, batch, BLOCK_B):
         rows = first + tl.arange(0, BLOCK_B)
-        grad, mask = _hidden_tile(GZ, rows, rows < batch, m, mask_m, M)
+        grad, mask = _grad_z_tile(GH_PARTS, H, rows, rows < batch, m, mask_m, M, blocks)
         z = _hidden_tile(Z, rows, rows < batch, m, mask_m, M)[0]
         grad_bias += reduce_sum(grad, axis=0)
         grad_weight += reduce_sum(tl.where(mask, grad * (z - mean[None, :]) * invstd[None, :], 0.0), axis=0)
@@ -276,7 +289,7 @@ def _head_grad_kernel(GZ, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, SAVE_M
     for first in range(0, batch, BLOCK_B):
         rows = first + tl.arange(0, BLOCK_B)
         mask_b = rows < batch
-        grad, mask = _hidden_tile(GZ, rows, mask_b, m, mask_m, M)
+        grad, mask = _grad_z_tile(GH_PARTS, H, rows, mask_b, m, mask_m, M, blocks)
         if BATCH_STATS:
             z = _hidden_tile(Z, rows, mask_b, m, mask_m, M)[0]
             z_norm = (z - mean[None, :]) * invstd[None, :]
@@ -365,28 +378,22 @@ def head_forward(y: torch.Tensor, means: Sequence[torch.Tensor], channels_last: 
     return second_half, v, w, (g, z, h, save_mean, save_invstd)
 
 
-def head_backward(grad_v: torch.Tensor, grad_w: torch.Tensor, v: torch.Tensor, w: torch.Tensor, saved: tuple,
-                  fc1: torch.Tensor, bn_weight: torch.Tensor, running: Tuple[torch.Tensor, ...],
-                  use_batch_stats: bool, eps: float, fc2: torch.Tensor, scale: float):
+def head_backward(grad_logits: torch.Tensor, grad_h_parts: torch.Tensor, saved: tuple, fc1: torch.Tensor,
+                  bn_weight: torch.Tensor, running: Tuple[torch.Tensor, ...], use_batch_stats: bool, eps: float,
+                  fc2: torch.Tensor):
     """g's gradient (B, (n + 1) * C) float32, and the gradients of fc1, the BatchNorm's weight and bias, fc2 and
-    its bias, from v's and w's."""
+    its bias, in one launch from what the mix's backward wrote (:func:`logits_backward`): the gradient of fc2's
+    outputs (B, (n + 1) * C) and h's in parts (B, blocks of channels, M)."""
     g, z, h, save_mean, save_invstd = saved
-    batch, num_inbounds, channels = w.shape
-    hidden, width = fc1.shape[0], g.shape[1]
+    batch, width = g.shape
+    hidden = fc1.shape[0]
     block_m = triton.next_power_of_2(hidden)
-    new = dict(device=g.device, dtype=torch.float32)
-    grad_logits = torch.empty((batch, width), **new)
-    grad_z = torch.empty((batch, hidden), **new)
-    block_c = min(triton.next_power_of_2(channels), 32)
-    block_b = _rows_per_tile(batch, block_c, block_m)
-    launch(_head_grad_h_kernel, (triton.cdiv(batch, block_b),), grad_v, grad_w, v, w, h, fc2, grad_logits, grad_z,
-           batch, channels, hidden, scale, N_IN=num_inbounds, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_M=block_m)
-    grad_g = torch.empty((batch, width), **new)
+    grad_g = torch.empty((batch, width), device=g.device, dtype=torch.float32)
     grads = [torch.empty_like(t) for t in (fc1, bn_weight, bn_weight, fc2)] + [
         torch.empty(width, device=g.device, dtype=fc2.dtype)]
     block_j = min(triton.next_power_of_2(width), max(TILE // 4 // block_m, 16))
     block_b = _rows_per_tile(batch, block_j, block_m)
-    launch(_head_grad_kernel, (triton.cdiv(width, block_j),), grad_z, z, g, h, grad_logits, fc1, bn_weight,
-           *running[:2], save_mean, save_invstd, grad_g, *grads, batch, width, hidden, eps, BATCH_STATS=use_batch_stats,
-           BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_M=block_m)
+    launch(_head_grad_kernel, (triton.cdiv(width, block_j),), grad_h_parts, z, g, h, grad_logits, fc1, bn_weight,
+           *running[:2], save_mean, save_invstd, grad_g, *grads, batch, width, hidden, grad_h_parts.shape[1], eps,
+           BATCH_STATS=use_batch_stats, BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_M=block_m)
     return grad_g, grads

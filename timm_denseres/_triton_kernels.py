@@ -1,12 +1,13 @@
 """The gate's CUDA kernels, in Triton: the same interface as the CPU kernels of ``_kernels.py``.
 
 - the mix: ``act(v * y + sum_k w_k * a_k)`` and its mean over H, W in one pass over the maps, and its backward in
-  one pass (every input's gradient, the reductions for v and w included);
+  two (the reductions for v and w, then every input's gradient);
 - the head (``_triton_head.py``): from y and the inbounds' means to ``v = sigmoid(s * l_v)`` and
   ``w = softmax(s * l_w)`` over the inbounds (padding left out) through fc1, the BatchNorm, ReLU and fc2: one
-  launch, then each program of the mix computes v and w for its sample and channels; two launches backward.
+  launch, then each program of the mix computes v and w for its sample and channels; backward, each program of the
+  mix's first pass takes its channels back to fc2's outputs and h, and one launch does the rest.
 
-A gate is two launches forward and four backward. float32, bfloat16 or float16 maps (computed in float32), NCHW
+A gate is two launches forward and three backward. float32, bfloat16 or float16 maps (computed in float32), NCHW
 or channels_last, inbounds as wide as y or narrower (the zero padding is implied), up to ``MAX_INBOUNDS`` inbounds.
 Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors, which is how they are
 tested without a GPU. Imported only where a gate takes this path (``timm_denseres.gate``): a CPU-only PyTorch has
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._triton_head import TILE, head_backward, head_forward, sample_gate
+from ._triton_head import TILE, head_backward, head_forward, logits_backward, sample_gate
 from ._triton_tiles import column, columns, launch, launches, launching, map_offsets, map_tile, reduce_sum
 
 __all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'self_check', 'launches', 'launching']
@@ -90,16 +91,18 @@ def _inbound_grad(g, A, GA, channels, w, grad_mean, b, c, hw, mask_hw, HW, REDUC
 
 
 @triton.jit
-def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
+def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GL, GH_PARTS, FC2,
                     A0, A1, A2, A3, A4, A5, A6, A7, GA0, GA1, GA2, GA3, GA4, GA5, GA6, GA7,
                     C0, C1, C2, C3, C4, C5, C6, C7,
-                    C, HW, inv_hw, gym_stride, HAS_GM: tl.constexpr, HAS_GYM: tl.constexpr, N_IN: tl.constexpr,
-                    RELU: tl.constexpr, REDUCE: tl.constexpr, WRITE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                    C, HW, inv_hw, gym_stride, M, scale, HAS_GM: tl.constexpr, HAS_GYM: tl.constexpr,
+                    N_IN: tl.constexpr, RELU: tl.constexpr, REDUCE: tl.constexpr, WRITE: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     """The mix's backward, g = act'(out) * (grad + grad_mean / HW). REDUCE: v's and w's gradients (sums over H, W
-    of g * y and g * a_k); WRITE: y's gradient g * v and each inbound's g * w_k, each plus (HAS_GYM) the gradient of
-    its mean over H, W, spread over H, W (row GYM of the gate's input gradient: y's mean, then the inbounds'). Both
-    in one pass, or in two (the gate's node needs v's and w's first)."""
+    of g * y and g * a_k), and from them the head's first steps back (:func:`logits_backward`); WRITE: y's gradient
+    g * v and each inbound's g * w_k, each plus (HAS_GYM) the gradient of its mean over H, W, spread over H, W (row
+    GYM of the gate's input gradient: y's mean, then the inbounds'). Both in one pass, or in two (the gate's node
+    needs the head's gradient first)."""
     pid = tl.program_id(0)
     blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)
@@ -161,22 +164,8 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GV, GW,
             gw7 += _inbound_grad(g, A7, GA7, C7, w7, gm7, b, c, hw, mask_hw, HW, REDUCE, WRITE,
                                  CHANNELS_LAST)
     if REDUCE:
-        tl.store(GV + b * C + c, grad_v, mask=mask_c)
-        tl.store(GW + (b * N_IN + 0) * C + c, gw0, mask=mask_c)
-        if N_IN > 1:
-            tl.store(GW + (b * N_IN + 1) * C + c, gw1, mask=mask_c)
-        if N_IN > 2:
-            tl.store(GW + (b * N_IN + 2) * C + c, gw2, mask=mask_c)
-        if N_IN > 3:
-            tl.store(GW + (b * N_IN + 3) * C + c, gw3, mask=mask_c)
-        if N_IN > 4:
-            tl.store(GW + (b * N_IN + 4) * C + c, gw4, mask=mask_c)
-        if N_IN > 5:
-            tl.store(GW + (b * N_IN + 5) * C + c, gw5, mask=mask_c)
-        if N_IN > 6:
-            tl.store(GW + (b * N_IN + 6) * C + c, gw6, mask=mask_c)
-        if N_IN > 7:
-            tl.store(GW + (b * N_IN + 7) * C + c, gw7, mask=mask_c)
+        logits_backward(grad_v, gw0, gw1, gw2, gw3, gw4, gw5, gw6, gw7, V, W, GL, GH_PARTS, FC2, b, pid % blocks_c,
+                        blocks_c, C, c, mask_c, M, scale, N_IN, BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,8 +222,9 @@ def _mix(y: torch.Tensor, head: dict, inbounds: Sequence[torch.Tensor], relu: bo
 
 class _GateFn(torch.autograd.Function):
     """A whole gate as one autograd node: the head's first half (one launch, ``_triton_head.py``), then the mix
-    with its mean, which computes v and w first (one). Backward: v's and w's gradients (one pass over the maps),
-    the head's (two launches), then every map's gradient in a second pass, where y and each inbound also take the
+    with its mean, which computes v and w first (one). Backward: v's and w's gradients (one pass over the maps,
+    which also takes them back through fc2), the rest of the head's (one launch), then every map's gradient in a
+    second pass, where y and each inbound also take the
     gradient of their mean in g. The inbounds' means are the means of the inbounds (the history keeps them so), so
     their gradient goes to the maps here and none to the means: autograd adds nothing up for them."""
 
@@ -267,25 +257,30 @@ class _GateFn(torch.autograd.Function):
         grad = torch.zeros_like(out) if grad is None else grad.contiguous(memory_format=memory_format)
         has_mean = grad_mean is not None
         grad_mean = grad_mean.contiguous() if has_mean else grad
-        grid, meta = _map_grid(y)
         hw = height * width
-        grad_v = torch.empty((batch, channels), device=y.device, dtype=torch.float32)
-        grad_w = torch.empty((batch, len(inbounds), channels), device=y.device, dtype=torch.float32)
-        launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad, grad, grad_v, grad_w,
-               *_slots(inbounds, y), *_slots([], y), *_widths(inbounds), channels, hw, 1.0 / hw, 0,
-               HAS_GM=has_mean, HAS_GYM=False, N_IN=len(inbounds), RELU=relu, REDUCE=True, WRITE=False, **meta)
+        hidden = fc1.shape[0]
+        block_m = triton.next_power_of_2(hidden)
+        grid, meta = _map_grid(y, max_block_c=max(TILE // block_m, 1))  # fc2's rows for the block: one tile
+        new = dict(device=y.device, dtype=torch.float32)
+        grad_logits = torch.empty((batch, (len(inbounds) + 1) * channels), **new)
+        grad_h_parts = torch.empty((batch, grid[0] // batch, hidden), **new)
+        launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad, grad, grad_logits, grad_h_parts, fc2,
+               *_slots(inbounds, y), *_slots([], y), *_widths(inbounds), channels, hw, 1.0 / hw, 0, hidden, scale,
+               HAS_GM=has_mean, HAS_GYM=False, N_IN=len(inbounds), RELU=relu, REDUCE=True, WRITE=False,
+               BLOCK_M=block_m, **meta)
         grad_g, (grad_fc1, grad_bn_weight, grad_bn_bias, grad_fc2, grad_fc2_bias) = head_backward(
-            grad_v, grad_w, v, w, saved, fc1, bn_weight, running, use_batch_stats, eps, fc2, scale)
+            grad_logits, grad_h_parts, saved, fc1, bn_weight, running, use_batch_stats, eps, fc2)
         grad_mixed = torch.empty_like(y)
         grad_inbounds = [torch.empty_like(a) for a in inbounds]
         grad_y = None
         if ctx.two_ys:  # y's mean alone reaches y; the mix reaches the y that was mixed (after drop-path)
             grad_y = (grad_g[:, :channels] / hw).to(y.dtype)[:, :, None, None].expand(y.shape)
             grad_g[:, :channels] = 0  # the mix's y, without the share of y's mean
-        launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad_mixed, grad_g, grad_v, grad_w,
+        grid, meta = _map_grid(y)
+        launch(_mix_bwd_kernel, grid, grad, grad_mean, out, y, v, w, grad_mixed, grad_g, grad_g, grad_g, fc2,
                *_slots(inbounds, y), *_slots(grad_inbounds, grad_mixed), *_widths(inbounds), channels, hw,
-               1.0 / hw, grad_g.stride(0), HAS_GM=has_mean, HAS_GYM=True, N_IN=len(inbounds),
-               RELU=relu, REDUCE=False, WRITE=True, **meta)
+               1.0 / hw, grad_g.stride(0), 1, 1.0, HAS_GM=has_mean, HAS_GYM=True, N_IN=len(inbounds),
+               RELU=relu, REDUCE=False, WRITE=True, BLOCK_M=1, **meta)
         grad_means = [None] * len(inbounds)  # in the inbounds' gradients
         if not ctx.two_ys:  # y's gradient, its mean's share included
             grad_y, grad_mixed = grad_mixed, None

@@ -185,7 +185,7 @@ def model_card(
         + ('Published by the timm-denseres project; t' if project else 'T')
         + 'he model code is the `timm_denseres` package (a timm plugin).', '',
         '## Model details', '',
-        f'- **Model type:** image classification',
+        '- **Model type:** image classification',
         f'- **Architecture:** `{arch}` ({params_m:.2f} M parameters)',
         f'- **Input:** {c}x{h}x{w}, mean {tuple(cfg["mean"])}, std {tuple(cfg["std"])}, '
         f'crop_pct {cfg["crop_pct"]}, {cfg["interpolation"]}',

@@ -14,7 +14,6 @@ A development tool: it measures this repository's code on whatever GPU runs it.
 """
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
