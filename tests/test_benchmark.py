@@ -56,3 +56,14 @@ def test_ratio_is_the_median_of_the_per_repeat_ratios():
     # a slow repeat of the model meets a slow repeat of the baseline: the per-repeat ratio stays 0.5
     assert benchmark._ratio_of_medians_per_repeat([10, 5, 10], [20, 10, 20]) == 0.5
     assert benchmark._ratio_of_medians_per_repeat([1, 2, 30], [2, 2, 3]) == 1.0
+
+
+@pytest.mark.parametrize('flags', [['--devices', 'cpu'], ['--devices', 'cuda', '--compile', 'reduce-overhead'],
+                                   ['--devices', 'cuda', '--amp-dtype', 'float16']])
+def test_cuda_graph_refuses_what_it_cannot_capture(flags, capsys):
+    """A CPU step, a compiled one (reduce-overhead makes its own graphs) and float16's loss scaling (it reads the
+    GPU from the host every step) cannot be captured: a usage error says so before any model is built."""
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(['--cuda-graph', *flags])
+    assert exit_info.value.code == 2
+    assert '--cuda-graph takes --devices cuda alone' in capsys.readouterr().err

@@ -94,7 +94,9 @@ def _make_steps(subject: Subject, args, device: torch.device, size: int) -> None
     x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
     target = torch.randint(0, num_classes, (args.batch_size,), device=device)
     amp_dtype = AMP_DTYPES[args.amp_dtype]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # autocast's cast cache would hold tensors of the capture, which a CUDA graph may not keep (PyTorch's note)
+    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not args.cuda_graph))
+                if amp_dtype else contextlib.nullcontext)
     runner = torch.compile(model, mode=args.compile) if args.compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -113,12 +115,40 @@ def _make_steps(subject: Subject, args, device: torch.device, size: int) -> None
         scaler.step(optimizer)
         scaler.update()
 
+    def train_in_place() -> None:  # the captured step: backward writes the gradients of the capture in place
+        model.train()
+        with autocast():
+            F.cross_entropy(runner(x), target).backward()
+        optimizer.step()
+
+    if args.cuda_graph:
+        infer = _captured(infer, infer, device)
+        train = _captured(train, train_in_place, device, before=lambda: optimizer.zero_grad(set_to_none=True))
     subject.step = {'infer': infer, 'train': train}
     subject.persistent_bytes = lambda: (
         sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         + sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
               if torch.is_tensor(v))
         + x.numel() * x.element_size() + target.numel() * target.element_size())
+
+
+def _captured(step: Callable[[], None], body: Callable[[], None], device: torch.device,
+              before: Callable[[], None] = lambda: None) -> Callable[[], None]:
+    """``body`` captured in a CUDA graph after a few ``step`` calls on a side stream, ``before`` just before the
+    capture (PyTorch's whole-network capture: the gradients set to None, so that the captured backward makes
+    them in the graph's memory and each replay writes them afresh); returns the graph's replay, which launches
+    every kernel of the step at once."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
 
 
 def require_models(names: List[str]) -> None:
@@ -352,6 +382,9 @@ def parse_args(argv=None):
     parser.add_argument('--amp-dtype', default='none', choices=list(AMP_DTYPES))
     parser.add_argument('--compile', nargs='?', const='default', choices=['default', 'reduce-overhead', 'max-autotune'],
                         help="torch.compile both models, in this mode ('reduce-overhead': CUDA graphs)")
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='CUDA only: each step of both models, eager (the gates on their CUDA kernels), captured '
+                             'in a CUDA graph and replayed')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--no-macs', action='store_true', help='skip counting multiply-adds')
     parser.add_argument('--count-ops', action='store_true',
@@ -362,6 +395,9 @@ def parse_args(argv=None):
         parser.error('--model and --baseline go together')
     if args.devices is None:
         args.devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    if args.cuda_graph and (args.compile or args.amp_dtype == 'float16' or args.devices != ['cuda']):
+        parser.error('--cuda-graph takes --devices cuda alone, without --compile (reduce-overhead makes its own '
+                     'graphs) and without float16 (its loss scaling reads the GPU from the host every step)')
     return args
 
 
@@ -389,7 +425,8 @@ def main(argv=None) -> None:
     gpu = f', {torch.cuda.get_device_name()}' if 'cuda' in args.devices else ''
     print(f'\ntorch {torch.__version__}, timm {timm.__version__}, {args.threads} CPU threads{gpu}; batch '
           f'{args.batch_size}, {args.repeats} interleaved repeats of >= {args.min_time:g}s ({args.timer} time), '
-          f'malloc {args.malloc}, channels_last {args.channels_last}, amp {args.amp_dtype}, compile {args.compile}; {time.time() - start:.0f}s; '
+          f'malloc {args.malloc}, channels_last {args.channels_last}, amp {args.amp_dtype}, compile {args.compile}, '
+          f'cuda graph {args.cuda_graph}; {time.time() - start:.0f}s; '
           f'load average (1/5/15 min) before {"/".join(f"{x:.1f}" for x in load_before)}, '
           f'after {"/".join(f"{x:.1f}" for x in load_after)} on {os.cpu_count()} CPUs\n')
     print(format_table(results, args))

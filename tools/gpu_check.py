@@ -4,7 +4,7 @@
    TF32 off, against the same model in float64 on the CPU (the formula); bf16 autocast + channels_last against
    float32; whether the Triton path ran (torch.compile takes the formula, which the benchmark compiles);
 2. benchmark: tools/benchmark.py's interleaved throughput and peak memory, dense / baseline, for each pair at its
-   size and batch (fp32; bf16 autocast + channels_last; compiled, where asked);
+   size and batch (fp32; bf16 autocast + channels_last; each step in a CUDA graph; compiled, where asked);
 3. train: one short epoch of timm's train.py with --amp on Fashion-MNIST through scripts/train.py.
 
     PYTHONPATH=. python tools/gpu_check.py --json results/gpu_check.json
@@ -101,17 +101,20 @@ def benchmark(device: torch.device, configs: List[str], repeats: int, min_time: 
     import benchmark as bench
     flags = {'fp32': [], 'bf16_cl': ['--amp-dtype', 'bfloat16', '--channels-last'],
              'bf16_cl_reduce_overhead': ['--amp-dtype', 'bfloat16', '--channels-last', '--compile', 'reduce-overhead'],
-             'fp32_reduce_overhead': ['--compile', 'reduce-overhead']}
+             'fp32_reduce_overhead': ['--compile', 'reduce-overhead'],
+             'bf16_cl_cuda_graph': ['--amp-dtype', 'bfloat16', '--channels-last', '--cuda-graph'],
+             'fp32_cuda_graph': ['--cuda-graph']}
     for config in configs:
         compiled = 'reduce_overhead' in config
         for model, base, size, batch in PAIRS[:1] if compiled else PAIRS:  # compiling: the launch-bound pair
-            args = bench.parse_args(['--devices', device.type, '--batch-size', str(batch), '--img-size', str(size),
-                                     '--model', model, '--baseline', base, '--repeats', str(repeats), '--min-time',
-                                     str(min_time), '--warmup', '5' if compiled else '3', '--no-macs', *flags[config]])
             start = time.time()
-            try:
+            try:  # a set-up the device cannot run is a usage error of benchmark.py (SystemExit): recorded too
+                args = bench.parse_args(['--devices', device.type, '--batch-size', str(batch), '--img-size',
+                                         str(size), '--model', model, '--baseline', base, '--repeats', str(repeats),
+                                         '--min-time', str(min_time), '--warmup', '5' if compiled else '3',
+                                         '--no-macs', *flags[config]])
                 dense, baseline = bench.benchmark_pair((model, base), size, device, args)
-            except Exception as e:  # noqa: BLE001  record it and go on with the next
+            except (Exception, SystemExit) as e:  # noqa: BLE001  record it and go on with the next
                 results.append(dict(config=config, model=model, baseline=base, error=f'{type(e).__name__}: {e}'))
                 print(json.dumps(results[-1]), flush=True)
                 save()
@@ -146,8 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument('--parts', nargs='+', default=['correctness', 'benchmark', 'train'],
                         choices=['correctness', 'benchmark', 'train'])
     parser.add_argument('--device', default='cuda')
-    parser.add_argument('--configs', nargs='+', default=['fp32', 'bf16_cl', 'bf16_cl_reduce_overhead'],
-                        help='benchmark set-ups: fp32, bf16_cl, bf16_cl_reduce_overhead, fp32_reduce_overhead')
+    parser.add_argument('--configs', nargs='+', default=['fp32', 'bf16_cl', 'bf16_cl_cuda_graph', 'bf16_cl_reduce_overhead'],
+                        help='benchmark set-ups: fp32, bf16_cl, bf16_cl_cuda_graph (eager, each step in a CUDA graph), '
+                             'fp32_cuda_graph, bf16_cl_reduce_overhead, fp32_reduce_overhead (torch.compile)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--min-time', type=float, default=0.3)
     parser.add_argument('--data-dir', default='data/fashion-mnist-20k')
