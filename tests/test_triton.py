@@ -183,12 +183,12 @@ def _benchmark_tool():
 
 
 @pytest.mark.slow
-def test_training_step_operations_at_most_1_6x_resnet110():
+def test_training_step_operations_at_most_1_4x_resnet110():
     """The CUDA path's operations per training step, dense / baseline (a Triton launch counts as one; the count
     does not depend on the image size, so it runs at 8x8)."""
     benchmark = _benchmark_tool()
     dense, base = (sum(benchmark.count_ops(name, 8).values()) for name in ('denseresnet110_n4', 'resnet110'))
-    assert dense / base <= 1.6, (dense, base)
+    assert dense / base <= 1.4, (dense, base)  # 1206 / 899 = 1.34 at 5 launches a gate
     with _backends.kernels_disabled():  # the formula: over twice as many
         plain = sum(benchmark.count_ops('denseresnet110_n4', 8).values())
     assert plain / base > 4.4, (plain, base)
