@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_tiles import columns, launch, map_tile, reduce_sum, row
+from ._triton_tiles import cdiv, columns, launch, map_tile, next_power_of_2, reduce_sum, row
 
 __all__ = ['head_forward', 'sample_gate', 'logits_backward', 'head_backward']
 
@@ -320,10 +320,10 @@ def _head_grad_kernel(GH_PARTS, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, 
 def _pool_blocks(channels: int, hw: int, channels_last: bool) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_HW) of the pooling tile: large, the layout's contiguous axis the longer side."""
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels), 64)
-        return block_c, max(min(triton.next_power_of_2(hw), POOL_TILE // block_c), 1)
-    block_hw = min(triton.next_power_of_2(hw), 1024)
-    return max(min(triton.next_power_of_2(channels), POOL_TILE // block_hw, 64), 1), block_hw
+        block_c = min(next_power_of_2(channels), 64)
+        return block_c, max(min(next_power_of_2(hw), POOL_TILE // block_c), 1)
+    block_hw = min(next_power_of_2(hw), 1024)
+    return max(min(next_power_of_2(channels), POOL_TILE // block_hw, 64), 1), block_hw
 
 
 def _rows_per_tile(batch: int, *widths: int) -> int:
@@ -331,7 +331,7 @@ def _rows_per_tile(batch: int, *widths: int) -> int:
     other = 1
     for width in widths:
         other *= width
-    return max(min(triton.next_power_of_2(batch), TILE // other), 1)
+    return max(min(next_power_of_2(batch), TILE // other), 1)
 
 
 _valid_cache = {}
@@ -356,7 +356,7 @@ def head_forward(y: torch.Tensor, means: Sequence[torch.Tensor], channels_last: 
     kernel is to count a batch normalised with its statistics (else None)."""
     batch, channels, height, width = y.shape
     hidden, num_inbounds = fc1.shape[0], len(means)
-    block_m = triton.next_power_of_2(hidden)
+    block_m = next_power_of_2(hidden)
     new = dict(device=y.device, dtype=torch.float32)
     g = torch.empty((batch, (num_inbounds + 1) * channels), **new) if for_backward else y
     z = torch.empty((batch, hidden), **new)
@@ -387,13 +387,13 @@ def head_backward(grad_logits: torch.Tensor, grad_h_parts: torch.Tensor, saved: 
     g, z, h, save_mean, save_invstd = saved
     batch, width = g.shape
     hidden = fc1.shape[0]
-    block_m = triton.next_power_of_2(hidden)
+    block_m = next_power_of_2(hidden)
     grad_g = torch.empty((batch, width), device=g.device, dtype=torch.float32)
     grads = [torch.empty_like(t) for t in (fc1, bn_weight, bn_weight, fc2)] + [
         torch.empty(width, device=g.device, dtype=fc2.dtype)]
-    block_j = min(triton.next_power_of_2(width), max(TILE // 4 // block_m, 16))
+    block_j = min(next_power_of_2(width), max(TILE // 4 // block_m, 16))
     block_b = _rows_per_tile(batch, block_j, block_m)
-    launch(_head_grad_kernel, (triton.cdiv(width, block_j),), grad_h_parts, z, g, h, grad_logits, fc1, bn_weight,
+    launch(_head_grad_kernel, (cdiv(width, block_j),), grad_h_parts, z, g, h, grad_logits, fc1, bn_weight,
            *running[:2], save_mean, save_invstd, grad_g, *grads, batch, width, hidden, grad_h_parts.shape[1], eps,
            BATCH_STATS=use_batch_stats, BLOCK_B=block_b, BLOCK_J=block_j, BLOCK_M=block_m)
     return grad_g, grads

@@ -21,7 +21,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._triton_head import TILE, head_backward, head_forward, logits_backward, sample_gate
-from ._triton_tiles import column, columns, launch, launches, launching, map_offsets, map_tile, reduce_sum
+from ._triton_tiles import (cdiv, column, columns, launch, launches, launching, map_offsets, map_tile,
+                            next_power_of_2, reduce_sum)
 
 __all__ = ['MAX_INBOUNDS', 'covers', 'takes_gate', 'run_gate', 'self_check', 'launches', 'launching']
 
@@ -178,10 +179,10 @@ def _channels_last(y: torch.Tensor) -> bool:
 def _map_blocks(channels: int, hw: int, channels_last: bool, max_block_c: int) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_HW): the contiguous axis of the layout gets the longer side of the tile."""
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels), 64, max_block_c)
+        block_c = min(next_power_of_2(channels), 64, max_block_c)
         return block_c, max(2048 // block_c // 4, 1) if hw > 1 else 1
-    block_hw = min(triton.next_power_of_2(hw), 256)
-    return max(min(triton.next_power_of_2(channels), 2048 // block_hw // 2, max_block_c), 1), block_hw
+    block_hw = min(next_power_of_2(hw), 256)
+    return max(min(next_power_of_2(channels), 2048 // block_hw // 2, max_block_c), 1), block_hw
 
 
 def _slots(tensors: Sequence[torch.Tensor], filler: torch.Tensor) -> List[torch.Tensor]:
@@ -203,7 +204,7 @@ def _map_grid(y: torch.Tensor, max_block_c: int = 1024) -> Tuple[Tuple[int], dic
     batch, channels, height, width = y.shape
     channels_last = _channels_last(y)
     block_c, block_hw = _map_blocks(channels, height * width, channels_last, max_block_c)
-    return (batch * triton.cdiv(channels, block_c),), dict(CHANNELS_LAST=channels_last, BLOCK_C=block_c,
+    return (batch * cdiv(channels, block_c),), dict(CHANNELS_LAST=channels_last, BLOCK_C=block_c,
                                                             BLOCK_HW=block_hw)
 
 
@@ -259,7 +260,7 @@ class _GateFn(torch.autograd.Function):
         grad_mean = grad_mean.contiguous() if has_mean else grad
         hw = height * width
         hidden = fc1.shape[0]
-        block_m = triton.next_power_of_2(hidden)
+        block_m = next_power_of_2(hidden)
         grid, meta = _map_grid(y, max_block_c=max(TILE // block_m, 1))  # fc2's rows for the block: one tile
         new = dict(device=y.device, dtype=torch.float32)
         grad_logits = torch.empty((batch, (len(inbounds) + 1) * channels), **new)

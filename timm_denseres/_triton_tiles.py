@@ -74,6 +74,17 @@ def columns(P, row_stride, b, first, C, c, mask_c, scale, N: tl.constexpr):
     return r0, r1, r2, r3, r4, r5, r6, r7
 
 
+# Block sizes on the host, per launch: plain integer arithmetic. triton.next_power_of_2 and triton.cdiv are
+# constexpr functions, whose wrapper costs microseconds a call from Python, about twenty times a gate's step
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     launches[0] += 1
     launching[0] = True  # the interpreter runs PyTorch operations of its own; an operation count leaves them out
