@@ -154,7 +154,8 @@ def main(argv=None) -> int:
                              'fp32_cuda_graph, bf16_cl_reduce_overhead, fp32_reduce_overhead (torch.compile)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--min-time', type=float, default=0.3)
-    parser.add_argument('--data-dir', default='data/fashion-mnist-20k')
+    parser.add_argument('--data-dir', default='data/sample/fashion-mnist',
+                        help='the --amp epoch\'s data (default: the committed sample, which needs no download)')
     parser.add_argument('--output', default='runs/gpu_check')
     parser.add_argument('--json', default='results/gpu_check.json')
     args = parser.parse_args(argv)
