@@ -256,9 +256,10 @@ def _head_grad_kernel(GH_PARTS, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, 
                       GG, GRAD_FC1, GRAD_BN_WEIGHT, GRAD_BN_BIAS, GRAD_FC2, GRAD_FC2_BIAS,
                       batch, width, M, blocks, eps, BATCH_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Columns ``j`` of g (fc1's input, fc2's output): the BatchNorm's backward (each program sums it over the
-    batch, it is small; the first stores the BatchNorm's weight and bias gradients), g's gradient, fc1's and fc2's
-    weight gradients there and fc2's bias gradient."""
+    """Columns ``j`` of g (fc1's input, fc2's output): the BatchNorm's output gradient (h's, summed over its
+    shares, through the ReLU), the BatchNorm's backward (each program sums it over the batch, it is small; the
+    first stores the BatchNorm's weight and bias gradients), g's gradient, fc1's and fc2's weight gradients there
+    and fc2's bias gradient."""
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
     mask_m = m < M
