@@ -398,3 +398,34 @@ def test_a_gate_record_says_when_its_folder_holds_other_weights_now(tmp_path):
     assert study.replaced_weights_note(record) == ''  # recorded before records kept the sha256
     note = study.replaced_weights_note(dict(record, weights_sha256='b' * 64))
     assert 'bbbbbbbbbbbb' in note and 'holds others now' in note and f'git log -- {folder}' in note
+
+
+def test_a_terminated_run_stops_its_child(tmp_path):
+    """SIGTERM to a process in `call` (as `study.py run` waits for train.py) ends the child too: a child left
+    running would go on writing into the run's folder. The child writes its pid, then sleeps."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    pid_file = tmp_path / 'child.pid'
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = ('import sys; sys.path.insert(0, "tools"); import study; study.stop_children_on_sigterm(); '
+              f'study.call([sys.executable, "-c", {child!r}], dict(__import__("os").environ), "test-run")')
+    process = subprocess.Popen([sys.executable, '-c', parent], cwd=ROOT)
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child_pid, 0)  # still there (or a zombie not yet reaped by init)
+        except ProcessLookupError:
+            break
+        if Path(f'/proc/{child_pid}/stat').is_file() and ' Z ' in Path(f'/proc/{child_pid}/stat').read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f'the child {child_pid} outlived its terminated parent')

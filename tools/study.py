@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,13 @@ def repo_path(path: str) -> str:
         return str(resolved.relative_to(ROOT))
     except ValueError:
         return str(resolved)
+
+
+def stop_children_on_sigterm() -> None:
+    """A terminated run or plan ends its children too (subprocess.run kills its child when the wait is interrupted;
+    the plan terminates its runs): a train.py left running would go on writing into the run's folder, and a rerun's
+    records would mix two trainings."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def call(command: List[str], env: Dict[str, str], run: str) -> None:
@@ -169,6 +177,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pending.append((name, command))
     print(f'{len(pending)} runs to go, {args.jobs} at a time', flush=True)
     start, active, failed = time.time(), [], []
+    try:
+        _run_plan(pending, active, failed, logs, start, args)
+    finally:
+        for _, process, _ in active:  # stopped early (a signal, an error): the runs stop too
+            process.terminate()
+            process.wait()
+    print(f'{len(pending)} runs not started (--start-within), {len(failed)} failed: {" ".join(failed)}')
+    return 1 if failed else 0
+
+
+def _run_plan(pending: list, active: list, failed: list, logs: Path, start: float, args: argparse.Namespace) -> None:
     while pending or active:
         late = args.start_within is not None and time.time() - start > args.start_within
         while pending and len(active) < args.jobs and not late:
@@ -188,8 +207,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if late and not active:
             break
         time.sleep(1)
-    print(f'{len(pending)} runs not started (--start-within), {len(failed)} failed: {" ".join(failed)}')
-    return 1 if failed else 0
 
 
 def tidy_summary(path: Path, epochs: Optional[int] = None) -> None:
@@ -724,6 +741,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.set_defaults(func=cmd_report)
 
     args = parser.parse_args(argv)
+    if args.command in ('run', 'plan'):
+        stop_children_on_sigterm()
     if getattr(args, 'gates', None) is not None and not (args.data_dir and (args.gates or args.checkpoint)):
         parser.error('--gates needs --data-dir and a MODEL_SPEC or --checkpoint PATH --model NAME')
     return args.func(args)
