@@ -202,6 +202,7 @@ def test_the_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, 'tools/compile_kernels.py', '--models', 'test_denseresnet:16',
                              '--formats', 'float32', '--arch', '90'], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+    assert 'Warning' not in result.stderr, result.stderr  # Triton 3.9 warns where a launch leaves an option unset
     assert 'compiled for sm_90' in result.stdout
     for kernel in ('_head_in_kernel', '_mix_fwd_kernel', '_mix_bwd_kernel', '_head_grad_kernel'):
         assert f'| {kernel} |' in result.stdout, result.stdout

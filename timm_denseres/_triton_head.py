@@ -97,18 +97,19 @@ def _bn_statistics(Z, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN, SAVE_INVSTD, batch,
             squares += reduce_sum(deviation * deviation, axis=0)
         var = squares / batch
         invstd = 1.0 / tl.sqrt(var + eps)
-        mask_update = mask_m & update
-        tl.store(SAVE_MEAN + m, mean, mask=mask_update)
-        tl.store(SAVE_INVSTD + m, invstd, mask=mask_update)
-        running_mean = tl.load(RUN_MEAN + m, mask=mask_m, other=0.0).to(tl.float32)
-        running_var = tl.load(RUN_VAR + m, mask=mask_m, other=1.0).to(tl.float32)
-        unbiased = var * (batch / (batch - 1.0))  # batch statistics only where the batch has two samples or more
-        tl.store(RUN_MEAN + m, ((1.0 - momentum) * running_mean + momentum * mean).to(RUN_MEAN.dtype.element_ty),
-                 mask=mask_update)
-        tl.store(RUN_VAR + m, ((1.0 - momentum) * running_var + momentum * unbiased).to(RUN_VAR.dtype.element_ty),
-                 mask=mask_update)
-        if COUNT:
-            tl.store(TRACKED, tl.load(TRACKED, mask=update, other=0) + 1, mask=update)
+        if update:  # a branch, not a mask: masks must be boolean, and Triton 3.9's interpreter types a scalar
+            # comparison as its operands' type
+            tl.store(SAVE_MEAN + m, mean, mask=mask_m)
+            tl.store(SAVE_INVSTD + m, invstd, mask=mask_m)
+            running_mean = tl.load(RUN_MEAN + m, mask=mask_m, other=0.0).to(tl.float32)
+            running_var = tl.load(RUN_VAR + m, mask=mask_m, other=1.0).to(tl.float32)
+            unbiased = var * (batch / (batch - 1.0))  # batch statistics only where the batch has two samples or more
+            tl.store(RUN_MEAN + m, ((1.0 - momentum) * running_mean + momentum * mean).to(RUN_MEAN.dtype.element_ty),
+                     mask=mask_m)
+            tl.store(RUN_VAR + m, ((1.0 - momentum) * running_var + momentum * unbiased).to(RUN_VAR.dtype.element_ty),
+                     mask=mask_m)
+            if COUNT:
+                tl.store(TRACKED, tl.load(TRACKED) + 1)
     else:
         mean = tl.load(RUN_MEAN + m, mask=mask_m, other=0.0).to(tl.float32)
         invstd = 1.0 / tl.sqrt(tl.load(RUN_VAR + m, mask=mask_m, other=1.0).to(tl.float32) + eps)
@@ -158,7 +159,8 @@ def sample_gate(Z, H, BN_WEIGHT, BN_BIAS, RUN_MEAN, RUN_VAR, TRACKED, SAVE_MEAN,
     z = tl.load(Z + b * M + m, mask=mask_m, other=0.0)
     h = tl.where(mask_m, tl.maximum(z * bn_scale + bn_shift, 0.0), 0.0)
     if STORE_H:
-        tl.store(H + b * M + m, h, mask=mask_m & first_block)
+        if first_block:
+            tl.store(H + b * M + m, h, mask=mask_m)
     v = 1.0 / (1.0 + tl.exp(-_logit_row(h, FC2, FC2_BIAS, 0, c, mask_c, m, mask_m, M, scale)))
     tl.store(V + b * C + c, v, mask=mask_c)
     total = v * 0.0  # the softmax, online: the sum of exp(logit - top)
@@ -278,8 +280,9 @@ def _head_grad_kernel(GH_PARTS, Z, G, H, GL, FC1, BN_WEIGHT, RUN_MEAN, RUN_VAR, 
         z = _hidden_tile(Z, rows, rows < batch, m, mask_m, M)[0]
         grad_bias += reduce_sum(grad, axis=0)
         grad_weight += reduce_sum(tl.where(mask, grad * (z - mean[None, :]) * invstd[None, :], 0.0), axis=0)
-    tl.store(GRAD_BN_WEIGHT + m, grad_weight.to(GRAD_BN_WEIGHT.dtype.element_ty), mask=mask_m & (pid == 0))
-    tl.store(GRAD_BN_BIAS + m, grad_bias.to(GRAD_BN_BIAS.dtype.element_ty), mask=mask_m & (pid == 0))
+    if pid == 0:
+        tl.store(GRAD_BN_WEIGHT + m, grad_weight.to(GRAD_BN_WEIGHT.dtype.element_ty), mask=mask_m)
+        tl.store(GRAD_BN_BIAS + m, grad_bias.to(GRAD_BN_BIAS.dtype.element_ty), mask=mask_m)
     j = pid * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = j < width
     fc1 = tl.load(FC1 + m[:, None] * width + j[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)

@@ -102,8 +102,8 @@ def _mix_bwd_kernel(G, GM, OUT, Y, V, W, GY, GYM, GL, GH_PARTS, FC2,
     """The mix's backward, g = act'(out) * (grad + grad_mean / HW). REDUCE: v's and w's gradients (sums over H, W
     of g * y and g * a_k), and from them the head's first steps back (:func:`logits_backward`); WRITE: y's gradient
     g * v and each inbound's g * w_k, each plus (HAS_GYM) the gradient of its mean over H, W, spread over H, W (row
-    GYM of the gate's input gradient: y's mean, then the inbounds'). Both in one pass, or in two (the gate's node
-    needs the head's gradient first)."""
+    GYM of the gate's input gradient: y's mean, then the inbounds'). Two launches, REDUCE then WRITE: GYM comes from
+    the head's backward, which needs REDUCE's logit gradients."""
     pid = tl.program_id(0)
     blocks_c = (C + BLOCK_C - 1) // BLOCK_C
     b = (pid // blocks_c).to(tl.int64)

@@ -7,6 +7,9 @@ import triton.language as tl
 
 launches = [0]  # kernel launches so far in this process (the operation counts of tools/benchmark.py read it)
 launching = [False]  # True during a launch
+# Given with every launch: multiply-adds fused, Triton 3.8's default. Triton 3.9 warns when it is left unset, and
+# 3.10 changes the default
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 
 
 # Sums through tl.reduce with triton's own combine function, as tl.sum does: the interpreter sums with numpy where
@@ -89,6 +92,6 @@ def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     launches[0] += 1
     launching[0] = True  # the interpreter runs PyTorch operations of its own; an operation count leaves them out
     try:
-        kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta, **COMPILE_OPTIONS)
     finally:
         launching[0] = False

@@ -84,12 +84,14 @@ def compile_all(specs: list, arch: int) -> list:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from timm_denseres._triton_tiles import COMPILE_OPTIONS  # the options every launch gives
+
     tools = Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin'
     rows = []
     for spec in specs:
         kernel = getattr(importlib.import_module(spec['module']), spec['kernel'])
         source = ASTSource(fn=kernel, signature=spec['signature'], constexprs=spec['constexprs'])
-        compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32))
+        compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32), options=COMPILE_OPTIONS)
         with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:
             cubin.write(compiled.asm['cubin'])
             cubin.flush()
