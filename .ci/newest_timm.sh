@@ -4,8 +4,10 @@
 # CIFAR-layout pair at depth 20, with the published fmnist tag; DenseResNet-34 with the ImageNet stem and the warm
 # tags); the other depths and N build the same modules in other numbers, and tests/test_contract.py checks every
 # model's config. OUR_MODELS=all runs every model we register (about 10 minutes more with -n 2 in PYTEST ARGS).
-# Beside them, our own tests of what timm's loading and Hub code does with our checkpoints (tests/test_pretrained.py):
-# our suite runs on the pinned timm, and timm 1.0.31 changed what a local-dir: folder passes to the model.
+# Beside them, our own tests of what timm's code does with our models: its loading and Hub code with our checkpoints
+# (tests/test_pretrained.py), its ONNX export (tests/test_onnx.py) and what our launchers ask of it
+# (tests/test_timm_scripts.py): our suite runs on the pinned timm, and timm 1.0.31 changed what a local-dir: folder
+# passes to the model, its default ONNX exporter and its error for an unknown model source.
 # The two run at once, one process each (on 2 cores that is faster than one after the other with -n 2 each, whose
 # workers import torch again); timm's output follows ours.
 # Usage: .ci/newest_timm.sh [VENV [PYTEST ARGS...]]
@@ -46,7 +48,8 @@ OUR_MODELS=$OUR_MODELS PYTHONPATH="$repo/.ci" "$py" -m pytest tests/test_models.
 timm_tests=$!
 cd "$repo"
 ours=0
-"$py" -m pytest tests/test_pretrained.py -p no:cacheprovider -n 0 -q -rfE --tb=short || ours=$?
+"$py" -m pytest tests/test_pretrained.py tests/test_onnx.py tests/test_timm_scripts.py -p no:cacheprovider -n 0 -q -rfE \
+    --tb=short || ours=$?
 theirs=0
 wait "$timm_tests" || theirs=$?
 echo "newest_timm: timm's tests/test_models.py on our models (exit $theirs):"

@@ -313,9 +313,12 @@ def test_inference_results_file_of_a_folder_or_hub_model() -> None:
         assert '--results-file' not in timm_scripts.default_args('inference', ['data', *args])
 
 
-def test_dynamo_flag_left_out_where_torch_lacks_dynamo_export(capsys: pytest.CaptureFixture) -> None:
+def test_dynamo_flag_left_out_where_timm_would_call_what_torch_removed(capsys: pytest.CaptureFixture) -> None:
+    """Before timm 1.0.31 --dynamo calls torch.onnx.dynamo_export (gone from torch 2.9 on); from 1.0.31 on it asks
+    torch.onnx.export for the torch.export-based exporter. CI runs this on the pinned and on the newest timm."""
     args = ['out.onnx', '--model', 'resnet20', '--dynamo']
-    if hasattr(torch.onnx, 'dynamo_export'):  # torch before 2.9: timm's call works
+    timm_version = tuple(int(part) for part in timm.__version__.split('.')[:3])
+    if hasattr(torch.onnx, 'dynamo_export') or timm_version >= (1, 0, 31):  # timm's call works
         assert timm_scripts.fixed_args('onnx_export', args) == args
     else:
         assert timm_scripts.fixed_args('onnx_export', args) == args[:-1]

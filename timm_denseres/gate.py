@@ -246,8 +246,8 @@ class DenseGate(nn.Module):
         """The kernels that stand in for this call (``_kernels`` on CPU, ``_triton_kernels`` on CUDA), or None for
         the modules and the formula. Kernels compute exactly this gate's modules (these types, unhooked), in eager
         mode, on the tensors their ``covers`` takes; the formula stays the reference and the fallback."""
-        if isinstance(y, torch.fx.Proxy) or is_compiling() or _backends.disabled():
-            return None
+        if isinstance(y, torch.fx.Proxy) or is_compiling() or torch.jit.is_tracing() or _backends.disabled():
+            return None  # a graph being captured records the formula (the ONNX exporters, torch.jit.trace)
         modules = self._modules
         if not (type(modules['fc1']) is GateConv and type(modules['bn']) is GateBatchNorm
                 and type(modules['act']) is nn.ReLU and type(modules['fc2']) is GateConv

@@ -28,10 +28,10 @@ wrong here (:func:`default_args`), each only to a script that takes it (:data:`S
 Before the script runs, what would end in its traceback is refused in one line (:func:`check_args`): a
 `--model` timm does not know (with the closest names) or a `local-dir:` folder without config.json; a weights file
 (`--checkpoint`, `--resume`, `--initial-checkpoint`) that is missing, truncated or corrupt; a `--checkpoint` whose
-classifier has another class count than the model (with the `--num-classes` to pass). And onnx_export.py's
-`--dynamo` is left out on a torch without `torch.onnx.dynamo_export`, which it calls (:func:`fixed_args`): there
-(torch 2.9 and newer) `torch.onnx.export`, its default path, is already the torch.export-based exporter, the one
-that exports these models. `--help` shows a line on `--timm-repo` above the script's own help.
+classifier has another class count than the model (with the `--num-classes` to pass). And before timm 1.0.31
+onnx_export.py's `--dynamo` is left out on a torch without `torch.onnx.dynamo_export`, which it calls
+(:func:`fixed_args`): there (torch 2.9 and newer) `torch.onnx.export`, its default path, is already the
+torch.export-based exporter. `--help` shows a line on `--timm-repo` above the script's own help.
 
 While it runs, a few of timm's functions are swapped for ones that fix what the flags cannot (:func:`script_fixes`):
 
@@ -380,11 +380,17 @@ def default_args(name: str, args: Sequence[str]) -> List[str]:
     return extra
 
 
+def _timm_version() -> Tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r'\d+', timm.__version__)[:3])
+
+
 def fixed_args(name: str, args: Sequence[str]) -> List[str]:
-    """``args`` less a flag that cannot work on this install: onnx_export.py's ``--dynamo`` calls
-    ``torch.onnx.dynamo_export``, which torch 2.9 removed; there its default ``torch.onnx.export`` is the
-    torch.export-based exporter already."""
-    if name == 'onnx_export' and '--dynamo' in args and not hasattr(torch.onnx, 'dynamo_export'):
+    """``args`` less a flag that cannot work on this install: before timm 1.0.31 onnx_export.py's ``--dynamo``
+    calls ``torch.onnx.dynamo_export``, which torch 2.9 removed; there its default ``torch.onnx.export`` is the
+    torch.export-based exporter already. From 1.0.31 on ``--dynamo`` asks torch.onnx.export for that exporter and
+    the default is the TorchScript one."""
+    if (name == 'onnx_export' and '--dynamo' in args and not hasattr(torch.onnx, 'dynamo_export')
+            and _timm_version() < (1, 0, 31)):
         print(f'timm_denseres: --dynamo left out: onnx_export.py calls torch.onnx.dynamo_export for it, which torch '
               f'{torch.__version__} does not have; its default, torch.onnx.export, is the torch.export-based (dynamo) '
               f'exporter here', file=sys.stderr)
@@ -417,7 +423,7 @@ def check_model(model: str) -> None:
     the script, which downloads them."""
     try:
         source, model_id = parse_model_name(model)
-    except AssertionError:  # timm's way of refusing a prefix other than hf-hub: and local-dir:
+    except (AssertionError, ValueError):  # timm's ways of refusing a prefix other than hf-hub: and local-dir:
         raise ArgumentError(f'--model {model}: a model is a name, local-dir:DIR or hf-hub:ORG/NAME') from None
     if source == 'local-dir':
         if not (Path(model_id) / 'config.json').is_file():
@@ -612,8 +618,9 @@ def read_onnx_cfg(path: Optional[str]) -> Tuple[Dict[str, Any], Optional[int]]:
 def onnx_export_fixes() -> Iterator[None]:
     """``timm.utils.onnx.onnx_export`` while onnx_export.py runs: the input size as a tuple (argparse and config.json
     give lists, which it adds to a tuple), the output's folder made, the exporter's warnings about timm's
-    ``dynamic_axes`` (not the user's to act on) silenced, and the model's data config written into the file
-    (:func:`write_onnx_cfg`)."""
+    ``dynamic_axes`` and the TorchScript tracer's about this package's channel widths (fixed per model; timm's
+    default exporter from 1.0.31 on) silenced, none the user's to act on, and the model's data config written into
+    the file (:func:`write_onnx_cfg`)."""
     import timm.utils.onnx
 
     export = timm.utils.onnx.onnx_export
@@ -626,6 +633,7 @@ def onnx_export_fixes() -> Iterator[None]:
             warnings.filterwarnings('ignore', message=".*'dynamic_axes' is not recommended", category=UserWarning)
             warnings.filterwarnings('ignore', message='from_dynamic_axes_to_dynamic_shapes is deprecated',
                                     category=DeprecationWarning)
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning, module=r'timm_denseres\.')
             export(model, output_file, *args, input_size=input_size, **kwargs)
         write_onnx_cfg(output_file, model, input_size)
 
