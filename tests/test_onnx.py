@@ -71,9 +71,12 @@ def test_the_torchscript_exporter_records_the_formula(name: str, tmp_path) -> No
     torch.manual_seed(0)
     model = randomise(timm.create_model(name, in_chans=chans, exportable=True), seed=1).eval()
     path = tmp_path / f'{name}.onnx'
-    torch.onnx.export(model, (torch.zeros(2, chans, height, width),), str(path), dynamo=False,
-                      input_names=['input0'], output_names=['output0'],
-                      dynamic_axes={'input0': {0: 'batch'}, 'output0': {0: 'batch'}})
+    with warnings.catch_warnings():  # torch's on this exporter, and the tracer's on the channel widths
+        warnings.simplefilter('ignore', DeprecationWarning)
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        torch.onnx.export(model, (torch.zeros(2, chans, height, width),), str(path), dynamo=False,
+                          input_names=['input0'], output_names=['output0'],
+                          dynamic_axes={'input0': {0: 'batch'}, 'output0': {0: 'batch'}})
     _check_logits(path, model, chans, height)
 
 
