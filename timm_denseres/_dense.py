@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import create_classifier
 from torch.utils.checkpoint import checkpoint
 
-from ._runtime import is_compiling
+from ._runtime import capturing_graph
 from .gate import DenseGate
 
 __all__ = ['History', 'DenseBlockMixin', 'DenseStage', 'DenseModelMixin', 'attach_gates', 'avg_pool_2x2',
@@ -40,7 +40,7 @@ def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     if torch.jit.is_scripting():
         return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
     else:
-        if (is_compiling() or torch.jit.is_tracing() or x.device.type != 'cpu' or not x.is_floating_point()
+        if (capturing_graph() or x.device.type != 'cpu' or not x.is_floating_point()
                 or x.shape[2] % 2 == 1 or x.shape[3] % 2 == 1):
             return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
         if x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):

@@ -12,6 +12,12 @@ def is_compiling() -> bool:
     return compiling is not None and compiling()
 
 
+def capturing_graph() -> bool:
+    """True while a graph is captured from Python, by torch.compile (dynamo) or a torch.jit trace (torch.jit.trace,
+    the TorchScript ONNX exporter): the eager shortcuts step aside, so the graph records the formula."""
+    return is_compiling() or torch.jit.is_tracing()
+
+
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, which takes no argument before torch 2.4."""
     try:

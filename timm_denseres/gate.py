@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from . import _backends
-from ._runtime import hook_free, is_compiling
+from ._runtime import capturing_graph, hook_free, is_compiling
 
 __all__ = ['DenseGate', 'GateBatchNorm', 'GateConv', 'GateWeights', 'add_scaled', 'gate_hidden_channels', 'mix']
 
@@ -246,8 +246,8 @@ class DenseGate(nn.Module):
         """The kernels that stand in for this call (``_kernels`` on CPU, ``_triton_kernels`` on CUDA), or None for
         the modules and the formula. Kernels compute exactly this gate's modules (these types, unhooked), in eager
         mode, on the tensors their ``covers`` takes; the formula stays the reference and the fallback."""
-        if isinstance(y, torch.fx.Proxy) or is_compiling() or torch.jit.is_tracing() or _backends.disabled():
-            return None  # a graph being captured records the formula (the ONNX exporters, torch.jit.trace)
+        if isinstance(y, torch.fx.Proxy) or capturing_graph() or _backends.disabled():
+            return None
         modules = self._modules
         if not (type(modules['fc1']) is GateConv and type(modules['bn']) is GateBatchNorm
                 and type(modules['act']) is nn.ReLU and type(modules['fc2']) is GateConv
